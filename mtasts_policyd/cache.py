@@ -1,0 +1,229 @@
+"""The policy cache: SQLite on disk (survives restarts and crashes), an LRU in memory in front.
+
+RFC 8461 §5.1 makes the cache part of the protocol: a cached policy is used until max_age after
+its fetch, whatever DNS and HTTPS say meanwhile. So the disk copy is the truth and the memory
+layer only saves SQLite reads. Disk trouble is logged and survived: the daemon keeps answering
+from memory rather than failing lookups (losing the disk copy costs fetches, not mail).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import cachetools
+
+from .errors import Failure, FailureKind, InvalidPolicy
+from .policy import Policy, parse_policy
+
+log = logging.getLogger("mtasts_policyd.cache")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policies (
+    domain          TEXT PRIMARY KEY,
+    txt_record      TEXT,
+    policy_id       TEXT,
+    policy_body     BLOB,
+    fetched_at      REAL,
+    txt_expires_at  REAL NOT NULL DEFAULT 0,
+    negative_until  REAL NOT NULL DEFAULT 0,
+    failure_kind    TEXT,
+    failure_detail  TEXT,
+    failure_at      REAL,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    retry_after     REAL NOT NULL DEFAULT 0,
+    last_lookup     REAL NOT NULL DEFAULT 0
+)
+"""
+_COLUMNS = ("domain", "txt_record", "policy_id", "policy_body", "fetched_at", "txt_expires_at", "negative_until",
+            "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What we know about one domain. Immutable: updates replace the whole entry."""
+
+    domain: str
+    txt_record: str | None = None  # the STSv1 TXT record the cached policy was fetched for
+    policy_id: str | None = None
+    policy_body: bytes | None = None
+    policy: Policy | None = None  # parsed from policy_body; not stored
+    fetched_at: float | None = None
+    txt_expires_at: float = 0.0  # the TXT id is trusted until then (its DNS TTL, bounded)
+    negative_until: float = 0.0  # "no policy" (no or invalid record) is known until then
+    failure: Failure | None = None  # the last failure, kept for query/logs until a success
+    failure_at: float | None = None
+    failures: int = 0  # consecutive failures, for back-off
+    retry_after: float = 0.0  # no network for this domain before then
+    last_lookup: float = 0.0
+
+    @property
+    def expires_at(self) -> float | None:
+        """RFC 8461 §3.2/§5.1: a policy may be used until max_age after its fetch."""
+        if self.policy is None or self.fetched_at is None:
+            return None
+        return self.fetched_at + self.policy.max_age
+
+    def usable_policy(self, now: float) -> Policy | None:
+        expires = self.expires_at
+        return self.policy if expires is not None and now < expires else None
+
+
+def _to_row(e: Entry) -> tuple[object, ...]:
+    return (e.domain, e.txt_record, e.policy_id, e.policy_body, e.fetched_at, e.txt_expires_at, e.negative_until,
+            e.failure.kind.value if e.failure else None, e.failure.detail if e.failure else None,
+            e.failure_at, e.failures, e.retry_after, e.last_lookup)
+
+
+def _from_row(row: tuple) -> Entry:
+    values = dict(zip(_COLUMNS, row))
+    kind, detail = values.pop("failure_kind"), values.pop("failure_detail")
+    body = values["policy_body"]
+    policy = None
+    if body is not None:
+        try:
+            policy = parse_policy(bytes(body))
+        except InvalidPolicy:
+            log.warning("cache domain=%s stored policy no longer parses; ignored", values["domain"])
+    failure = Failure(FailureKind(kind), detail or "") if kind else None
+    return Entry(policy=policy, failure=failure, **values)
+
+
+def default_cache_path() -> str:
+    """root: /var/lib/mtasts-policyd; others: the XDG state directory."""
+    if os.geteuid() == 0:
+        base = "/var/lib/mtasts-policyd"
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        base = os.path.join(state, "mtasts-policyd")
+    return os.path.join(base, "cache.sqlite3")
+
+
+class PolicyCache:
+    """Thread-safe; one SQLite connection behind a lock (writes are rare, reads mostly hit memory)."""
+
+    def __init__(self, path: str | None, memory_entries: int = 100_000) -> None:
+        self.path = path
+        self._memory: cachetools.LRUCache[str, Entry] = cachetools.LRUCache(maxsize=memory_entries)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._data_version: int | None = None
+        self._checked_at = 0.0
+        if path is not None:
+            self._open(path)
+
+    def _open(self, path: str) -> None:
+        try:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+            db = sqlite3.connect(path, timeout=5.0, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(_SCHEMA)
+            self._db = db
+            self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+        except (sqlite3.Error, OSError) as exc:
+            log.error("cache path=%s cannot be opened (%s); running with memory only", path, exc)
+            self._db = None
+
+    @property
+    def persistent(self) -> bool:
+        return self._db is not None
+
+    def _sync_with_disk(self) -> None:
+        """Forget memory copies when another process (the warmer, `cache forget`) wrote the file."""
+        now = time.monotonic()
+        if self._db is None or now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return
+        if version != self._data_version:
+            self._data_version = version
+            self._memory.clear()
+
+    def get(self, domain: str) -> Entry | None:
+        with self._lock:
+            self._sync_with_disk()
+            entry = self._memory.get(domain)
+            if entry is not None or self._db is None:
+                return entry
+            try:
+                row = self._db.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM policies WHERE domain = ?", (domain,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("cache read domain=%s failed: %s", domain, exc)
+                return None
+            if row is None:
+                return None
+            entry = _from_row(row)
+            self._memory[domain] = entry
+            return entry
+
+    def put(self, entry: Entry) -> None:
+        with self._lock:
+            self._memory[entry.domain] = entry
+            if self._db is None:
+                return
+            try:
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO policies ({', '.join(_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
+                    _to_row(entry),
+                )
+            except sqlite3.Error as exc:
+                log.error("cache write domain=%s failed: %s; kept in memory only", entry.domain, exc)
+
+    def touch(self, seen: dict[str, float]) -> None:
+        """Record when domains were last looked up (batched: lookups must not each write to disk)."""
+        with self._lock:
+            for domain, when in seen.items():
+                entry = self._memory.get(domain)
+                if entry is not None:
+                    self._memory[domain] = replace(entry, last_lookup=when)
+            if self._db is None or not seen:
+                return
+            try:
+                self._db.executemany(
+                    "UPDATE policies SET last_lookup = ? WHERE domain = ? AND last_lookup < ?",
+                    [(when, domain, when) for domain, when in seen.items()],
+                )
+            except sqlite3.Error as exc:
+                log.error("cache write of lookup times failed: %s", exc)
+
+    def delete(self, domain: str) -> bool:
+        with self._lock:
+            found = self._memory.pop(domain, None) is not None
+            if self._db is not None:
+                try:
+                    found = self._db.execute("DELETE FROM policies WHERE domain = ?", (domain,)).rowcount > 0 or found
+                except sqlite3.Error as exc:
+                    log.error("cache delete domain=%s failed: %s", domain, exc)
+            return found
+
+    def entries(self) -> Iterator[Entry]:
+        """All stored entries (disk when there is one, else memory), in domain order."""
+        with self._lock:
+            if self._db is None:
+                rows = None
+                snapshot = sorted(self._memory.values(), key=lambda e: e.domain)
+            else:
+                rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies ORDER BY domain").fetchall()
+        if rows is None:
+            yield from snapshot
+        else:
+            yield from (_from_row(row) for row in rows)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,169 @@
+"""The `mtasts-policyd` command: serve, query."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load
+from .daemon import build_resolver, run
+from .listeners import parse_address
+from .names import clean_key
+from .postfix import tls_policy
+from .resolution import Decision, PolicyResolver
+
+DESCRIPTION = """\
+MTA-STS (RFC 8461) policy daemon for Postfix (socketmap) and Exim.
+
+It discovers a destination domain's _mta-sts TXT record, fetches its policy over HTTPS, keeps it
+in a disk-backed cache for max_age, and tells the MTA how to deliver: for an enforce policy,
+verified TLS to an MX that matches the policy; otherwise, nothing (the MTA's own default).
+Runs without a config file: socketmap on 127.0.0.1:8461, SQLite cache in /var/lib/mtasts-policyd
+(root) or the XDG state directory.
+"""
+
+EPILOG = """\
+examples:
+  mtasts-policyd serve
+  mtasts-policyd serve --config /etc/mtasts-policyd.yaml
+  mtasts-policyd query gmail.com example.org --json
+postfix main.cf:
+  smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none, embedded defaults)")
+    parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (overrides log_level; default info)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtasts-policyd", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the policy daemon",
+                           description="Run the daemon. Logs one line per decision to stderr.")
+    _common(serve)
+    serve.add_argument("--socketmap", metavar="ADDR", action="append",
+                       help="socketmap listener HOST:PORT, [IPV6]:PORT or unix:/path; repeatable "
+                            "(overrides socketmap.listen; default 127.0.0.1:8461)")
+    query = sub.add_parser("query", help="show what the daemon would answer for domains, and why",
+                           description="Resolve each DOMAIN through the cache (and the network when "
+                                       "nothing usable is cached) and print the answer and its reasons. "
+                                       "Exits non-zero only on a usage error.")
+    _common(query)
+    query.add_argument("domains", nargs="+", metavar="DOMAIN")
+    query.add_argument("--json", action="store_true", help="one JSON object per line, per domain")
+    query.add_argument("--map", default=None, help="socketmap name whose answer to show (default: the first)")
+    return parser
+
+
+def configure(args: argparse.Namespace) -> Config:
+    config = load(args.config)
+    if args.cache:
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, path=args.cache))
+    if getattr(args, "socketmap", None):
+        for text in args.socketmap:
+            parse_address(text)
+        config = dataclasses.replace(config, socketmap=dataclasses.replace(config.socketmap, listen=tuple(args.socketmap)))
+    if args.log_level:
+        config = dataclasses.replace(config, log_level=args.log_level)
+    return config
+
+
+def _time(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyResolver) -> dict[str, Any]:
+    """Everything `query` knows about one key, as plain data."""
+    result: dict[str, Any] = {"key": key, "answer": answer}
+    if decision is None:
+        result["reason"] = "not-a-policy-domain"
+        return result
+    entry = resolver.cache.get(decision.domain)
+    policy = decision.policy
+    stored = entry.policy if entry else None
+    result.update({
+        "domain": decision.domain,
+        "reason": decision.reason,
+        "cache": decision.cache.value,
+        "txt_record": entry.txt_record if entry else None,
+        "policy_id": decision.policy_id,
+        "mode": (policy or stored).mode.value if (policy or stored) else None,
+        "mx": list((policy or stored).mx) if (policy or stored) else [],
+        "max_age": (policy or stored).max_age if (policy or stored) else None,
+        "fetched_at": _time(decision.fetched_at),
+        "expires_at": _time(decision.expires_at),
+        "usable": policy is not None,
+        "failure": None if decision.failure is None else {
+            "kind": decision.failure.kind.value, "detail": decision.failure.detail,
+            "tlsrpt_result_type": decision.failure.kind.tlsrpt_result_type},
+        "retry_after": _time(entry.retry_after) if entry and entry.retry_after else None,
+        "warnings": list((policy or stored).warnings) if (policy or stored) else [],
+    })
+    return result
+
+
+def query(args: argparse.Namespace, config: Config) -> int:
+    maps = config.socketmap.maps
+    name = args.map or next(iter(maps))
+    if name not in maps:
+        print(f"mtasts-policyd: no socketmap named {name!r} (have: {', '.join(maps)})", file=sys.stderr)
+        return 2
+    resolver = build_resolver(config)
+    try:
+        for key in args.domains:
+            domain = clean_key(key)
+            decision = None
+            if domain is not None:
+                decision = resolver.cached(domain)[0] or resolver.resolve(domain)
+            policy = tls_policy(decision, maps[name]) if decision is not None else None
+            answer = f"OK {policy}" if policy else "NOTFOUND "
+            info = describe(key, decision, answer, resolver)
+            if args.json:
+                print(json.dumps(info))
+            else:
+                print(f"{key}: {answer}")
+                for field, value in info.items():
+                    if field not in ("key", "answer") and value not in (None, [], ""):
+                        print(f"  {field}: {value}")
+    finally:
+        resolver.cache.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = configure(args)
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        try:
+            asyncio.run(run(config))
+        except OSError as exc:
+            logging.getLogger("mtasts_policyd").error("cannot start: %s", exc)
+            return 1
+        return 0
+    return query(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

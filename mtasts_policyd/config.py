@@ -1,0 +1,113 @@
+"""Configuration: embedded defaults, optionally overridden by a YAML file and command-line flags.
+
+Every key is a dataclass field with its default right here, and the README documents the same
+table. Unknown keys and wrong types are errors at start-up: a typo must not silently leave a
+default in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .discovery import DnsSettings
+from .fetch import FetchSettings
+from .postfix import MapOptions
+from .resolution import ResolverSettings
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# Socketmap names served without any configuration, one per Postfix generation.
+DEFAULT_MAPS = {
+    "postfix": MapOptions(),  # Postfix >= 3.4
+    "postfix-sts": MapOptions(sts_attributes=True),  # Postfix >= 3.10.5: exact MX patterns, TLSRPT
+    "postfix-legacy": MapOptions(servername=False),  # Postfix 2.10 - 3.3
+}
+
+
+@dataclass(frozen=True)
+class SocketmapConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:8461",)
+    socket_owner: str | None = None  # for unix: listeners, "user" or "user:group"
+    socket_mode: str = "0660"
+    idle_timeout: float = 60.0
+    max_connections: int = 1024
+    max_request: int = 10000
+    maps: dict[str, MapOptions] = field(default_factory=lambda: dict(DEFAULT_MAPS))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    path: str | None = None  # None: /var/lib/mtasts-policyd/cache.sqlite3 (root) or the XDG state dir
+    memory_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class Config:
+    socketmap: SocketmapConfig = SocketmapConfig()
+    cache: CacheConfig = CacheConfig()
+    dns: DnsSettings = DnsSettings()
+    fetch: FetchSettings = FetchSettings()
+    resolver: ResolverSettings = ResolverSettings()
+    workers: int = 32  # threads for DNS/HTTPS work (concurrent resolutions)
+    log_level: str = "info"
+
+
+def _convert(kind: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if origin is tuple:
+        items = value if isinstance(value, list) else [value]
+        return tuple(_convert(args[0], item, f"{where}[]") for item in items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return {str(k): _convert(args[1], v if v is not None else {}, f"{where}.{k}") for k, v in value.items()}
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def build(cls: Any, data: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping, keeping defaults for keys that are absent."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def load(path: str | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return build(Config, data)

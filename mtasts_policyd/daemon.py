@@ -1,0 +1,60 @@
+"""Wiring: build the resolver from a Config, and run the daemon's event loop with its listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from .cache import PolicyCache, default_cache_path
+from .config import Config
+from .discovery import Discovery
+from .fetch import PolicyFetcher
+from .listeners import SocketPermissions, open_listener, parse_address
+from .resolution import PolicyResolver
+from .service import PolicyService
+from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
+
+log = logging.getLogger("mtasts_policyd")
+
+
+def build_resolver(config: Config) -> PolicyResolver:
+    discovery = Discovery(config.dns)
+    cache = PolicyCache(config.cache.path or default_cache_path(), config.cache.memory_entries)
+    return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver)
+
+
+def socketmap_settings(config: Config) -> SocketmapSettings:
+    c = config.socketmap
+    return SocketmapSettings(maps=c.maps, max_request=c.max_request, idle_timeout=c.idle_timeout,
+                             max_connections=c.max_connections)
+
+
+async def run(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT; then stop accepting, finish lookups in flight, and exit."""
+    resolver = build_resolver(config)
+    service = PolicyService(resolver, workers=config.workers)
+    front = SocketmapFrontEnd(service, socketmap_settings(config))
+    permissions = SocketPermissions(config.socketmap.socket_owner, int(config.socketmap.socket_mode, 8))
+    servers = []
+    for text in config.socketmap.listen:
+        address = parse_address(text)
+        servers.append(await open_listener(lambda: SocketmapProtocol(front), address, permissions))
+        log.info("listening socketmap=%s maps=%s", address, ",".join(sorted(front.settings.maps)))
+    log.info("cache path=%s persistent=%s", resolver.cache.path, resolver.cache.persistent)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    flusher = asyncio.create_task(service.run_flusher())
+    try:
+        await stop.wait()
+        log.info("stopping: draining lookups in flight")
+        for server in servers:
+            server.close()
+        await service.drain()
+    finally:
+        flusher.cancel()
+        service.close()
+        resolver.cache.close()
+        log.info("stopped")

@@ -1,0 +1,130 @@
+"""DNS: the `_mta-sts` TXT record (RFC 8461 §3.1) and the addresses of hosts we must reach.
+
+The one job here is to turn DNS answers into either data with a TTL or a failure with a kind,
+keeping "the domain says no" (NXDOMAIN/NODATA, cacheable for the negative TTL of RFC 2308)
+apart from "we could not ask" (timeout, SERVFAIL), which must never be cached as "no policy".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from .errors import DnsTemporaryFailure, MtaStsError, NoRecord
+from .txt import StsRecord, join_strings, select_record
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """Where and how to ask. No nameservers means the system's (/etc/resolv.conf)."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class StsAnswer:
+    record: StsRecord
+    ttl: int
+
+
+def _negative_ttl(response: dns.message.Message | None) -> int | None:
+    """RFC 2308 §5: a negative answer lives for min(SOA TTL, SOA MINIMUM).
+
+    Reached through a CNAME (RFC 8461 §8.2 delegation), the answer is only true while the CNAME
+    is, so its TTL bounds the result too (RFC 2308 §6: the CNAME is cached with its own TTL).
+    """
+    if response is None:
+        return None
+    cnames = [rrset.ttl for rrset in response.answer if rrset.rdtype == dns.rdatatype.CNAME]
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return min(rrset.ttl, rrset[0].minimum, *cnames)
+    return None
+
+
+def _answer_ttl(answer: dns.resolver.Answer) -> int:
+    """How long a positive answer may be kept: the shortest TTL along its CNAME chain.
+
+    RFC 1035 §3.2.1 / RFC 2181 §5.2: each RRset may be cached for its own TTL only. Through a
+    CNAME (RFC 8461 §8.2) the answer depends on the alias as much as on the target, so the
+    target's longer TTL must not outlive the alias: the owner may repoint it meanwhile.
+    """
+    return answer.chaining_result.minimum_ttl if answer.rrset is not None else 0
+
+
+class Discovery:
+    """Thread-safe: dnspython's Resolver may be shared as long as nobody changes its settings."""
+
+    def __init__(self, settings: DnsSettings = DnsSettings()) -> None:
+        if settings.nameservers:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = list(settings.nameservers)
+        else:
+            resolver = dns.resolver.Resolver()
+        resolver.port = settings.port
+        resolver.lifetime = settings.timeout
+        resolver.timeout = min(settings.timeout, 2.0)
+        self._resolver = resolver
+
+    def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        try:
+            return self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=True)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = list(exc.responses().values())
+            raise NoRecord(f"{name} does not exist (NXDOMAIN)",
+                           ttl=_negative_ttl(responses[0] if responses else None)) from None
+        except dns.resolver.NoAnswer as exc:
+            raise NoRecord(f"{name} has no {rdtype} record", ttl=_negative_ttl(exc.response())) from None
+        except dns.resolver.YXDOMAIN:
+            raise NoRecord(f"{name} is too long after CNAME expansion") from None
+        except dns.resolver.NoNameservers as exc:
+            raise DnsTemporaryFailure(f"{name} {rdtype}: no server answered ({_short(exc)})") from None
+        except dns.resolver.LifetimeTimeout:
+            raise DnsTemporaryFailure(f"{name} {rdtype}: timed out") from None
+        except dns.exception.DNSException as exc:
+            raise DnsTemporaryFailure(f"{name} {rdtype}: {_short(exc)}") from None
+
+    def sts_record(self, domain: str) -> StsAnswer:
+        """RFC 8461 §3.1: the policy record of `domain`; CNAMEs are followed by the resolver."""
+        name = f"_mta-sts.{domain}."
+        answer = self._query(name, "TXT")
+        # RFC 8461 §3.1: strings of one RR are joined with nothing between them.
+        rrs = [join_strings(rdata.strings) for rdata in answer]
+        ttl = _answer_ttl(answer)
+        try:
+            return StsAnswer(select_record(rrs), ttl)
+        except MtaStsError as exc:
+            exc.ttl = ttl  # the record set itself is what is cached, for its own TTL
+            raise
+
+    def addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of `host`; NoRecord if it has neither."""
+        found: list[str] = []
+        failure: MtaStsError | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                found.extend(rdata.address for rdata in self._query(f"{host}.", rdtype))
+            except MtaStsError as exc:
+                failure = failure if isinstance(failure, DnsTemporaryFailure) else exc
+        if found:
+            return found
+        assert failure is not None
+        raise failure
+
+    def mx_hosts(self, domain: str) -> tuple[list[str], int]:
+        """MX host names in preference order (RFC 5321 §5.1), and how long the answer may be kept."""
+        answer = self._query(f"{domain}.", "MX")
+        hosts = sorted(answer, key=lambda rdata: rdata.preference)
+        ttl = _answer_ttl(answer)
+        return [rdata.exchange.to_text(omit_final_dot=True).lower() for rdata in hosts], ttl
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -1,0 +1,149 @@
+"""HTTPS: fetching the policy file (RFC 8461 §3.3) with requests.
+
+The policy host is resolved through the same DNS settings as the TXT record, so one resolver
+configuration governs everything the daemon learns; the connection then goes to that address
+while TLS verifies the certificate for mta-sts.<domain> (SNI and hostname check, §3.3).
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import requests.adapters
+
+try:
+    # Given assert_hostname, urllib3 matches the name itself and raises its own CertificateError
+    # (a ValueError, not ssl.CertificateError): a wrong-name certificate arrives as this class.
+    from urllib3.util.ssl_match_hostname import CertificateError as _NameMismatch
+except ImportError:  # pragma: no cover - older urllib3 without that module
+    _NameMismatch = ssl.CertificateError  # type: ignore[misc,assignment]
+
+from .discovery import Discovery
+from .errors import CertificateInvalid, FetchError, MtaStsError
+
+WELL_KNOWN = "/.well-known/mta-sts.txt"
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    ca_file: str | None = None  # None: requests' bundle (certifi)
+    connect_timeout: float = 10.0
+    timeout: float = 20.0  # RFC 8461 §3.3 allows a limit; the whole GET must end within it
+    max_size: int = 65536  # RFC 8461 §3.3: 64 KiB suggested
+    port: int = 443  # only test rigs change this
+
+
+class _ConnectFailed(FetchError):
+    pass
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """Connects to the URL's address, but sends SNI and checks the certificate for `hostname`."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+        super().__init__(max_retries=0)
+
+    def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        pool_kwargs["server_hostname"] = self._hostname
+        pool_kwargs["assert_hostname"] = self._hostname
+        return host_params, pool_kwargs
+
+
+def _certificate_error(exc: BaseException) -> str | None:
+    """The verification message if `exc` wraps a certificate failure (urllib3 nests it in args)."""
+    pending: list[object] = [exc]
+    for _ in range(10):
+        if not pending:
+            break
+        seen = pending.pop()
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        if isinstance(seen, (ssl.CertificateError, _NameMismatch)):  # RFC 8461 §3.3: wrong name
+            return str(seen)
+        if isinstance(seen, BaseException):
+            pending.extend([seen.__cause__, seen.__context__, *seen.args])
+    return None
+
+
+class PolicyFetcher:
+    def __init__(self, discovery: Discovery, settings: FetchSettings = FetchSettings()) -> None:
+        self._discovery = discovery
+        self._settings = settings
+
+    def fetch(self, domain: str) -> bytes:
+        """The raw policy body of `domain`, or a FetchError / CertificateInvalid."""
+        host = f"mta-sts.{domain}"
+        try:
+            addresses = self._discovery.addresses(host)
+        except MtaStsError as exc:
+            raise FetchError(f"policy host {host} does not resolve: {exc.detail}") from None
+        last: FetchError | None = None
+        for address in addresses:
+            try:
+                return self._get(host, address)
+            except _ConnectFailed as exc:  # the next address may work; anything else is the answer
+                last = exc
+        assert last is not None
+        raise last
+
+    def _get(self, host: str, address: str) -> bytes:
+        s = self._settings
+        netloc = f"[{address}]" if ":" in address else address
+        url = f"https://{netloc}:{s.port}{WELL_KNOWN}"
+        deadline = time.monotonic() + s.timeout
+        with requests.Session() as session:
+            session.trust_env = False  # no proxies, no netrc: RFC 8461 §3.3 is a plain GET
+            session.mount("https://", _PinnedAdapter(host))
+            try:
+                response = session.get(
+                    url,
+                    headers={"Host": host if s.port == 443 else f"{host}:{s.port}", "Accept": "text/plain"},
+                    verify=s.ca_file or True,
+                    allow_redirects=False,  # RFC 8461 §3.3: redirects MUST NOT be followed
+                    stream=True,
+                    timeout=(s.connect_timeout, s.timeout),
+                )
+            except requests.exceptions.SSLError as exc:
+                reason = _certificate_error(exc)
+                if reason is not None:
+                    raise CertificateInvalid(f"certificate of {host}: {reason}") from None
+                raise FetchError(f"TLS with {host} failed: {_first_line(exc)}") from None
+            except requests.exceptions.ConnectionError as exc:
+                raise _ConnectFailed(f"connect to {host} ({address}) failed: {_first_line(exc)}") from None
+            except requests.exceptions.RequestException as exc:
+                raise FetchError(f"GET {host}: {_first_line(exc)}") from None
+            with response:
+                return _read_body(response, host, deadline, s.max_size)
+
+
+def _read_body(response: requests.Response, host: str, deadline: float, max_size: int) -> bytes:
+    if response.status_code != 200:  # RFC 8461 §3.3: only 200 counts, 3xx included
+        raise FetchError(f"GET {host} answered HTTP {response.status_code}")
+    # RFC 8461 §3.2: the media type SHOULD be text/plain; parameters are ignored.
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if media_type != "text/plain":
+        raise FetchError(f"GET {host} answered Content-Type {media_type or 'none'!r}, not text/plain")
+    body = bytearray()
+    try:
+        for chunk in response.raw.stream(4096, decode_content=True):
+            body += chunk
+            if len(body) > max_size:
+                raise FetchError(f"policy from {host} is larger than {max_size} bytes")
+            if time.monotonic() > deadline:
+                raise FetchError(f"GET {host} took longer than the fetch timeout")
+    except FetchError:
+        raise
+    except Exception as exc:  # urllib3 read errors, timeouts, protocol errors
+        raise FetchError(f"reading policy from {host} failed: {_first_line(exc)}") from None
+    return bytes(body)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

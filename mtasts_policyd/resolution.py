@@ -1,0 +1,170 @@
+"""The resolution algorithm (RFC 8461 §3.3, §5.1, §10.2): cache, DNS and HTTPS tied together.
+
+Two entry points with one rule each:
+- `cached()` answers from the cache alone and says whether a refresh is due; the lookup path
+  calls it so that no lookup waits on the network while a usable answer exists.
+- `resolve()` asks the network and updates the cache; it runs in a worker thread, either for a
+  lookup that has nothing usable cached, or in the background.
+A failure never replaces a usable cached policy (§5.1); a domain that failed is not asked again
+before its back-off ends (§3.3 suggests at least 5 minutes for a failed fetch).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .cache import Entry, PolicyCache
+from .discovery import Discovery
+from .errors import DnsTemporaryFailure, Failure, InvalidRecord, MtaStsError, NoRecord
+from .fetch import PolicyFetcher
+from .policy import Mode, Policy, parse_policy
+
+log = logging.getLogger("mtasts_policyd.resolution")
+
+
+class CacheState(enum.Enum):
+    HIT = "hit"  # a usable policy from the cache
+    NEGATIVE = "negative"  # "no policy" from the cache (no or invalid TXT record, within its TTL)
+    BACKOFF = "backoff"  # nothing usable; a recent failure means we do not ask again yet
+    MISS = "miss"  # asked the network now
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What is known about a domain at lookup time; front ends translate it, nothing more."""
+
+    domain: str
+    policy: Policy | None
+    cache: CacheState
+    policy_id: str | None = None
+    failure: Failure | None = None  # why there is no policy, or the last refresh failure
+    fetched_at: float | None = None
+    expires_at: float | None = None
+
+    @property
+    def mode(self) -> Mode | None:
+        return self.policy.mode if self.policy else None
+
+    @property
+    def reason(self) -> str:
+        """One word-ish reason for logs: the policy mode, or the failure kind."""
+        if self.policy is not None:
+            return f"policy-{self.policy.mode.value}"
+        return self.failure.kind.value if self.failure else "no-policy"
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    negative_ttl_min: int = 60  # bounds for caching "no record" (RFC 2308 negative TTL)
+    negative_ttl_max: int = 3600
+    txt_ttl_min: int = 60  # bounds for trusting a TXT id before checking it again
+    txt_ttl_max: int = 3600
+    refresh_after: int = 86400  # RFC 8461 §10.2: fetch again at least daily, id unchanged or not
+    backoff_min: int = 300  # RFC 8461 §3.3: wait at least 5 minutes after a failed fetch
+    backoff_max: int = 3600
+    dns_backoff_min: int = 30  # DNS failures are usually shorter-lived than broken web servers
+
+
+def _clamp(value: int | None, low: int, high: int) -> int:
+    return max(low, min(high, value if value is not None else low))
+
+
+def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
+    return Decision(
+        domain=entry.domain,
+        policy=entry.usable_policy(now),
+        cache=cache,
+        policy_id=entry.policy_id,
+        failure=entry.failure,
+        fetched_at=entry.fetched_at,
+        expires_at=entry.expires_at,
+    )
+
+
+class PolicyResolver:
+    def __init__(self, cache: PolicyCache, discovery: Discovery, fetcher: PolicyFetcher,
+                 settings: ResolverSettings = ResolverSettings(),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cache = cache
+        self._discovery = discovery
+        self._fetcher = fetcher
+        self._settings = settings
+        self._clock = clock
+
+    def _refetch_due(self, entry: Entry, now: float) -> bool:
+        """RFC 8461 §10.2: fetch again at least daily (and within half of a short max_age)."""
+        if entry.fetched_at is None or entry.policy is None:
+            return True
+        return now >= entry.fetched_at + min(self._settings.refresh_after, entry.policy.max_age / 2)
+
+    def _refresh_due(self, entry: Entry, now: float) -> bool:
+        return now >= entry.txt_expires_at or self._refetch_due(entry, now)
+
+    def cached(self, domain: str) -> tuple[Decision | None, bool]:
+        """(decision from the cache or None, whether a background refresh is due). No network."""
+        entry = self.cache.get(domain)
+        if entry is None:
+            return None, False
+        now = self._clock()
+        if entry.usable_policy(now) is not None:
+            due = now >= entry.retry_after and self._refresh_due(entry, now)
+            return decision_from(entry, now, CacheState.HIT), due
+        if now < entry.negative_until:
+            return decision_from(entry, now, CacheState.NEGATIVE), False
+        if now < entry.retry_after:
+            return decision_from(entry, now, CacheState.BACKOFF), False
+        return None, False
+
+    def resolve(self, domain: str) -> Decision:
+        """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision."""
+        now = self._clock()
+        entry = self.cache.get(domain) or Entry(domain)
+        usable = entry.usable_policy(now)
+        s = self._settings
+        try:
+            answer = self._discovery.sts_record(domain)
+        except (NoRecord, InvalidRecord) as exc:
+            if usable is not None:
+                # RFC 8461 §5.1: a missing or broken TXT record does not remove a cached policy.
+                return self._store(replace(entry, txt_expires_at=now + _clamp(exc.ttl, s.txt_ttl_min, s.txt_ttl_max),
+                                           failure=exc.failure, failure_at=now), now, "kept")
+            negative = _clamp(exc.ttl, s.negative_ttl_min, s.negative_ttl_max)
+            return self._store(replace(entry, negative_until=now + negative, failure=exc.failure,
+                                       failure_at=now, failures=0, retry_after=0.0), now, "no-policy")
+        except DnsTemporaryFailure as exc:
+            return self._failed(entry, exc, now, s.dns_backoff_min)
+        txt_expires_at = now + _clamp(answer.ttl, s.txt_ttl_min, s.txt_ttl_max)
+        if usable is not None and answer.record.id == entry.policy_id and not self._refetch_due(entry, now):
+            return self._store(replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0,
+                                       retry_after=0.0), now, "unchanged")
+        try:
+            body = self._fetcher.fetch(domain)
+            policy = parse_policy(body)
+        except MtaStsError as exc:
+            return self._failed(entry, exc, now, s.backoff_min)
+        fresh = Entry(domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body, policy=policy, fetched_at=now,
+                      txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup)
+        outcome = "fetched" if entry.policy_id in (None, answer.record.id) else f"changed from id={entry.policy_id}"
+        return self._store(fresh, now, outcome)
+
+    def _failed(self, entry: Entry, exc: MtaStsError, now: float, base: int) -> Decision:
+        failures = entry.failures + 1
+        delay = min(base * 2 ** min(failures - 1, 16), self._settings.backoff_max)
+        kept = replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)
+        log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s",
+                    entry.domain, exc.kind.value, delay,
+                    entry.usable_policy(now).mode.value if entry.usable_policy(now) else "nothing",
+                    exc.detail)
+        self.cache.put(kept)
+        return decision_from(kept, now, CacheState.MISS)
+
+    def _store(self, entry: Entry, now: float, outcome: str) -> Decision:
+        self.cache.put(entry)
+        decision = decision_from(entry, now, CacheState.MISS)
+        log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", entry.domain, outcome, decision.reason,
+                 entry.policy_id or "-", f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else "")
+        return decision

@@ -1,0 +1,213 @@
+"""Shared fixtures: one real DNS server and one real HTTPS policy server for the whole run,
+helpers that publish a domain on them, and a real daemon process started on demand."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtasts_policyd.cache import PolicyCache
+from mtasts_policyd.discovery import Discovery, DnsSettings
+from mtasts_policyd.fetch import FetchSettings, PolicyFetcher
+from mtasts_policyd.resolution import PolicyResolver, ResolverSettings
+from tests.rig import DnsServer, PolicyServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "corpus"
+_serial = itertools.count(1)
+
+ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
+
+
+@dataclass
+class Rig:
+    dns: DnsServer
+    https: PolicyServer
+
+    def domain(self, label: str = "d") -> str:
+        """A fresh domain name, so tests sharing the servers never see each other's data."""
+        return f"{label}{next(_serial)}.example.test"
+
+    def publish(self, domain: str, body: str | None = None, *, id: str = "1", ttl: int = 300, **http: object) -> None:
+        """Publish _mta-sts TXT, the policy host's address, and the policy body."""
+        self.dns.set(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={id}", ttl=ttl)
+        self.dns.set(f"mta-sts.{domain}", "A", "127.0.0.1")
+        self.https.set_policy(domain, (body if body is not None else ENFORCE).format(d=domain), **http)
+
+    def dns_settings(self) -> DnsSettings:
+        return DnsSettings(nameservers=("127.0.0.1",), port=self.dns.port, timeout=2.0)
+
+    def fetch_settings(self, **overrides: object) -> FetchSettings:
+        values = dict(ca_file=self.https.ca_file, port=self.https.port, timeout=5.0, connect_timeout=2.0)
+        values.update(overrides)
+        return FetchSettings(**values)  # type: ignore[arg-type]
+
+    def config(self, cache_path: Path, **extra: object) -> dict:
+        """A daemon config file's contents pointing at the test servers."""
+        data: dict = {
+            "dns": {"nameservers": ["127.0.0.1"], "port": self.dns.port, "timeout": 2},
+            "fetch": {"ca_file": self.https.ca_file, "port": self.https.port, "timeout": 5, "connect_timeout": 2},
+            "cache": {"path": str(cache_path)},
+        }
+        for key, value in extra.items():
+            data.setdefault(key, {})
+            data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        return data
+
+
+@pytest.fixture(scope="session")
+def rig() -> Iterator[Rig]:
+    with DnsServer(lifetime=1800) as dns_server, PolicyServer(lifetime=1800) as https:
+        yield Rig(dns_server, https)
+
+
+class Clock:
+    """A settable clock for the resolver, so max_age and TTL expiry are tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_resolver(rig: Rig, tmp_path: Path, clock: Clock):
+    """Build a resolver on the real servers with a disk cache in tmp_path and the test clock."""
+    made: list[PolicyResolver] = []
+
+    def make(cache_path: Path | None = None, **settings: object) -> PolicyResolver:
+        discovery = Discovery(rig.dns_settings())
+        cache = PolicyCache(str(cache_path or tmp_path / "cache.sqlite3"))
+        resolver = PolicyResolver(cache, discovery, PolicyFetcher(discovery, rig.fetch_settings()),
+                                  ResolverSettings(**settings), clock=clock)  # type: ignore[arg-type]
+        made.append(resolver)
+        return resolver
+
+    yield make
+    for resolver in made:
+        resolver.cache.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    """A real `mtasts-policyd serve` process."""
+
+    config_path: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    args: list[str] = field(default_factory=list)
+
+    def start(self) -> "Daemon":
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(self.config_path), *self.args],
+            cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("daemon did not start listening")
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            code = self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout=5)
+        self.log.close()
+        return code
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_daemon(rig: Rig, tmp_path: Path):
+    """Start real daemons; each is stopped at the end of the test."""
+    running: list[Daemon] = []
+
+    def start(cache_path: Path | None = None, port: int | None = None, **extra: object) -> Daemon:
+        port = port or free_port()
+        data = rig.config(cache_path or tmp_path / "cache.sqlite3", **extra)
+        data.setdefault("socketmap", {}).setdefault("listen", [f"127.0.0.1:{port}"])
+        path = tmp_path / f"config{len(running)}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log").start()
+        running.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in running:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.stop()
+
+
+def netstring(data: bytes) -> bytes:
+    return b"%d:%s," % (len(data), data)
+
+
+class SocketmapClient:
+    """A minimal socketmap client for protocol tests (postmap is the real Postfix client)."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def read_reply(self) -> str | None:
+        """One netstring reply, or None if the server closed the connection."""
+        while True:
+            colon = self.buffer.find(b":")
+            if colon > 0:
+                length = int(self.buffer[:colon])
+                if len(self.buffer) >= colon + length + 2:
+                    data = self.buffer[colon + 1:colon + 1 + length]
+                    assert self.buffer[colon + 1 + length:colon + 2 + length] == b","
+                    self.buffer = self.buffer[colon + length + 2:]
+                    return data.decode()
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def ask(self, key: str, name: str = "postfix") -> str | None:
+        self.send(netstring(f"{name} {key}".encode()))
+        return self.read_reply()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,32 @@
+"""Cleaning MTA lookup keys into policy domains (Postfix next-hop syntax, RFC 8461 §3.4)."""
+
+import pytest
+
+from mtasts_policyd.names import clean_key, to_alabel
+
+
+@pytest.mark.parametrize("key,domain", [
+    ("example.com", "example.com"),
+    ("Example.COM.", "example.com"),  # Postfix does not fold case for socketmap keys
+    ("[mx.example.com]", "mx.example.com"),
+    ("[mx.example.com]:587", "mx.example.com"),
+    ("example.com:25", "example.com"),
+    ("ätsch.de", "xn--tsch-koa.de"),  # SMTPUTF8 next hop: U-label to A-label
+    ("BÜCHER.example", "xn--bcher-kva.example"),
+])
+def test_keys_cleaned(key, domain):
+    assert clean_key(key) == domain
+
+
+@pytest.mark.parametrize("key", [
+    ".example.com",  # Postfix parent-domain walk; RFC 8461 §3.4 forbids parent policies
+    "192.0.2.1", "[192.0.2.1]", "[192.0.2.1]:25", "[ipv6:2001:db8::1]", "2001:db8::1",  # §3.4 literals
+    "", "   ", "exa mple.com", "a..b", "-a.example", "x_y.example", "foo.123", "a" * 64 + ".example",
+    "[unterminated", "[a.example]x", "example.com:port",
+])
+def test_keys_without_policy(key):
+    assert clean_key(key) is None
+
+
+def test_to_alabel_rejects_overlong_names():
+    assert to_alabel(".".join(["a" * 60] * 5)) is None

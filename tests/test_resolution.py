@@ -1,0 +1,240 @@
+"""The cache and refresh algorithm (RFC 8461 §3.3, §5.1, §10.2) against the real test servers.
+
+The resolver runs on a settable clock, so expiry is tested by moving time, not by sleeping; the
+servers' request counters show exactly when the network was used.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mtasts_policyd.errors import FailureKind
+from mtasts_policyd.policy import Mode
+from mtasts_policyd.resolution import CacheState
+
+TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
+NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
+
+
+def txt_queries(rig, domain):
+    return rig.dns.count(f"_mta-sts.{domain}", "TXT")
+
+
+def test_first_lookup_fetches_then_cache_answers(rig, make_resolver):
+    domain = rig.domain()
+    rig.publish(domain)
+    resolver = make_resolver()
+    assert resolver.cached(domain) == (None, False)
+    decision = resolver.resolve(domain)
+    assert decision.cache is CacheState.MISS and decision.mode is Mode.ENFORCE and decision.policy_id == "1"
+    assert decision.policy.mx == (f"mx1.{domain}", f"*.mx.{domain}")
+    cached, due = resolver.cached(domain)
+    assert cached.cache is CacheState.HIT and cached.policy == decision.policy and not due
+    assert (txt_queries(rig, domain), rig.https.count(domain)) == (1, 1)
+
+
+def test_policy_used_until_max_age_then_not(rig, make_resolver, clock):
+    # RFC 8461 §5.1: a cached policy is used while its age is below max_age, whatever DNS says.
+    domain = rig.domain()
+    rig.publish(domain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 600\n", ttl=3600)
+    resolver = make_resolver(txt_ttl_max=3600)
+    resolver.resolve(domain)
+    rig.dns.remove(f"_mta-sts.{domain}")
+    rig.https.remove(domain)
+    clock.advance(599)
+    decision, _ = resolver.cached(domain)
+    assert decision.mode is Mode.ENFORCE
+    clock.advance(1)
+    assert resolver.cached(domain) == (None, False)
+
+
+def test_unchanged_id_is_not_fetched_again(rig, make_resolver, clock):
+    # RFC 8461 §3.3: the id tells whether the policy changed; an unchanged id needs no fetch.
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    resolver = make_resolver()
+    resolver.resolve(domain)
+    clock.advance(59)
+    assert resolver.cached(domain)[1] is False
+    clock.advance(2)  # the TXT TTL has passed: re-check the id
+    assert resolver.cached(domain)[1] is True
+    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert (txt_queries(rig, domain), rig.https.count(domain)) == (2, 1)
+    assert resolver.cached(domain)[1] is False
+
+
+def test_changed_id_means_new_fetch(rig, make_resolver, clock):
+    # RFC 8461 §3.3/§5.1: a different id means fetch again and replace the cached policy.
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    resolver = make_resolver()
+    resolver.resolve(domain)
+    rig.publish(domain, TESTING, id="2", ttl=60)
+    clock.advance(61)
+    decision = resolver.resolve(domain)
+    assert decision.mode is Mode.TESTING and decision.policy_id == "2"
+    assert rig.https.count(domain) == 2
+    assert resolver.cached(domain)[0].policy_id == "2"
+
+
+def test_policy_fetched_again_daily_even_with_same_id(rig, make_resolver, clock):
+    # RFC 8461 §10.2: refresh regularly regardless of the TXT record; max_age restarts at the fetch.
+    domain = rig.domain()
+    rig.publish(domain, ttl=3600)
+    resolver = make_resolver(txt_ttl_max=7200, refresh_after=3000)
+    first = resolver.resolve(domain)
+    clock.advance(3001)
+    assert resolver.cached(domain)[1] is True
+    second = resolver.resolve(domain)
+    assert rig.https.count(domain) == 2
+    assert second.fetched_at == first.fetched_at + 3001
+    assert second.expires_at == second.fetched_at + 86400
+
+
+def test_fetch_failure_keeps_cached_policy_and_backs_off(rig, make_resolver, clock):
+    # RFC 8461 §5.1: a failed refresh never replaces an unexpired policy; §3.3: wait before retrying.
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    resolver = make_resolver(backoff_min=300)
+    resolver.resolve(domain)
+    rig.publish(domain, TESTING, id="2", ttl=60, status=500)
+    clock.advance(61)
+    decision = resolver.resolve(domain)
+    assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
+    assert decision.failure.kind is FailureKind.FETCH_ERROR
+    clock.advance(299)
+    cached, due = resolver.cached(domain)
+    assert cached.mode is Mode.ENFORCE and due is False  # backing off
+    clock.advance(2)
+    assert resolver.cached(domain)[1] is True
+    rig.publish(domain, TESTING, id="2", ttl=60)
+    assert resolver.resolve(domain).mode is Mode.TESTING
+
+
+@pytest.mark.parametrize("break_it", ["servfail", "timeout", "removed", "garbage", "invalid-policy", "bad-cert"])
+def test_no_failure_downgrades_a_cached_enforce_policy(rig, make_resolver, clock, break_it):
+    # RFC 8461 §5.1: DNS failures, a vanished or broken TXT record, bad policies and bad
+    # certificates all leave the cached enforce policy in force until it expires.
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    resolver = make_resolver()
+    resolver.resolve(domain)
+    name = f"_mta-sts.{domain}"
+    if break_it in ("servfail", "timeout"):
+        rig.dns.fault(name, break_it)
+    elif break_it == "removed":
+        rig.dns.remove(name)
+    elif break_it == "garbage":
+        rig.dns.set(name, "TXT", "v=STSv1; id=1", "v=STSv1; id=2")
+    elif break_it == "invalid-policy":
+        rig.publish(domain, "version: STSv1\nmode: enforced\n", id="2", ttl=60)
+    else:
+        rig.publish(domain, id="2", ttl=60, cert="expired")
+    try:
+        clock.advance(61)
+        decision = resolver.resolve(domain)
+        assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
+        assert decision.failure is not None
+        assert resolver.cached(domain)[0].mode is Mode.ENFORCE
+    finally:
+        rig.dns.fault(name, None)
+
+
+def test_mode_none_replaces_enforce(rig, make_resolver, clock):
+    # RFC 8461 §8.3: publishing mode none with a new id is how a domain withdraws its policy.
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    resolver = make_resolver()
+    resolver.resolve(domain)
+    rig.publish(domain, NONE, id="2", ttl=60)
+    clock.advance(61)
+    decision = resolver.resolve(domain)
+    assert decision.mode is Mode.NONE and decision.failure is None
+
+
+def test_no_record_cached_for_negative_ttl(rig, make_resolver, clock):
+    # RFC 8461 §3.1 + RFC 2308: NXDOMAIN is "no policy", cached for the zone's negative TTL.
+    domain = rig.domain()
+    resolver = make_resolver(negative_ttl_min=10, negative_ttl_max=3600)
+    decision = resolver.resolve(domain)
+    assert decision.policy is None and decision.failure.kind is FailureKind.NO_RECORD
+    clock.advance(rig.dns.negative_ttl - 1)
+    cached, due = resolver.cached(domain)
+    assert cached.cache is CacheState.NEGATIVE and not due
+    assert txt_queries(rig, domain) == 1
+    clock.advance(2)
+    assert resolver.cached(domain) == (None, False)
+    rig.publish(domain)  # the domain publishes a policy: found at the next lookup
+    assert resolver.resolve(domain).mode is Mode.ENFORCE
+
+
+def test_negative_ttl_is_bounded(rig, make_resolver, clock):
+    domain = rig.domain()
+    resolver = make_resolver(negative_ttl_min=1, negative_ttl_max=20)
+    resolver.resolve(domain)
+    clock.advance(21)
+    assert resolver.cached(domain) == (None, False)
+
+
+def test_invalid_record_cached_like_no_record(rig, make_resolver, clock):
+    domain = rig.domain()
+    rig.dns.set(f"_mta-sts.{domain}", "TXT", "v=STSv1; id=a-b", ttl=120)
+    resolver = make_resolver()
+    decision = resolver.resolve(domain)
+    assert decision.policy is None and decision.failure.kind is FailureKind.INVALID_RECORD
+    clock.advance(119)
+    assert resolver.cached(domain)[0].cache is CacheState.NEGATIVE
+
+
+def test_dns_failure_without_cache_is_not_cached_as_no_policy(rig, make_resolver, clock):
+    # "Could not ask" is not "no record": a short back-off, then we ask again.
+    domain = rig.domain()
+    rig.dns.fault(f"_mta-sts.{domain}", "servfail")
+    try:
+        resolver = make_resolver(dns_backoff_min=30)
+        decision = resolver.resolve(domain)
+        assert decision.policy is None and decision.failure.kind is FailureKind.DNS_TEMPORARY
+        assert resolver.cached(domain)[0].cache is CacheState.BACKOFF
+        clock.advance(31)
+        assert resolver.cached(domain) == (None, False)
+    finally:
+        rig.dns.fault(f"_mta-sts.{domain}", None)
+    rig.publish(domain)
+    assert resolver.resolve(domain).mode is Mode.ENFORCE
+
+
+def test_failed_fetch_backs_off_exponentially(rig, make_resolver, clock):
+    domain = rig.domain()
+    rig.publish(domain, status=404)
+    resolver = make_resolver(backoff_min=300, backoff_max=1000)
+    for expected_delay in (300, 600, 1000, 1000):
+        decision = resolver.resolve(domain)
+        assert decision.policy is None and decision.failure.kind is FailureKind.FETCH_ERROR
+        clock.advance(expected_delay - 1)
+        assert resolver.cached(domain)[0].cache is CacheState.BACKOFF
+        clock.advance(1)
+        assert resolver.cached(domain) == (None, False)
+    assert rig.https.count(domain) == 4
+
+
+def test_certificate_failure_is_its_own_kind(rig, make_resolver):
+    domain = rig.domain()
+    rig.publish(domain, cert="wrong-name")
+    decision = make_resolver().resolve(domain)
+    assert decision.policy is None and decision.failure.kind is FailureKind.CERTIFICATE_INVALID
+    assert decision.failure.kind.tlsrpt_result_type == "sts-webpki-invalid"
+
+
+def test_cache_survives_a_new_process(rig, make_resolver, tmp_path):
+    # The cache is on disk: a new resolver on the same file answers with no network at all.
+    policy_domain, empty_domain = rig.domain(), rig.domain()
+    rig.publish(policy_domain)
+    first = make_resolver(tmp_path / "shared.sqlite3")
+    first.resolve(policy_domain)
+    first.resolve(empty_domain)
+    first.cache.close()
+    before = (len(rig.dns.queries), len(rig.https.requests))
+    second = make_resolver(tmp_path / "shared.sqlite3")
+    assert second.cached(policy_domain)[0].mode is Mode.ENFORCE
+    assert second.cached(empty_domain)[0].cache is CacheState.NEGATIVE
+    assert (len(rig.dns.queries), len(rig.https.requests)) == before

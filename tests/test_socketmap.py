@@ -1,0 +1,191 @@
+"""The socketmap front end of a real daemon process (socketmap_table(5) framing, Postfix replies)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from tests.conftest import SocketmapClient, free_port, netstring
+
+TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
+NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon(socketmap={
+        "idle_timeout": 2,
+        "maps": {
+            "postfix": {},
+            "strict": {"testing_as_enforce": True},
+            "sts": {"sts_attributes": True},
+            "old": {"servername": False},
+        },
+    })
+
+
+def test_enforce_policy_answer(rig, daemon):
+    # The answer Postfix needs: verified TLS, names from the policy, SNI = MX host (RFC 8461 §4, §7.1).
+    domain = rig.domain()
+    rig.publish(domain)
+    client = SocketmapClient(daemon.port)
+    assert client.ask(domain) == f"OK secure match=mx1.{domain}:.mx.{domain} servername=hostname"
+    assert client.ask(domain, "old") == f"OK secure match=mx1.{domain}:.mx.{domain}"
+    assert client.ask(domain.upper() + ".") == f"OK secure match=mx1.{domain}:.mx.{domain} servername=hostname"
+    assert client.ask(f"[{domain}]:25").startswith("OK secure")
+
+
+def test_sts_attributes_for_postfix_310(rig, daemon):
+    domain = rig.domain()
+    rig.publish(domain)
+    reply = SocketmapClient(daemon.port).ask(domain, "sts")
+    assert reply == (
+        f"OK secure match=mx1.{domain}:.mx.{domain} servername=hostname policy_type=sts "
+        f"policy_domain={domain} mx_host_pattern=mx1.{domain} mx_host_pattern=*.mx.{domain} "
+        "{ policy_string = version: STSv1 } { policy_string = mode: enforce } "
+        f"{{ policy_string = mx: mx1.{domain} }} {{ policy_string = mx: *.mx.{domain} }} "
+        "{ policy_string = max_age: 86400 }")
+
+
+def test_testing_none_and_no_policy_are_notfound(rig, daemon):
+    # RFC 8461 §5: testing and none do not change delivery; NOTFOUND lets Postfix use its default.
+    testing, none, nothing = rig.domain(), rig.domain(), rig.domain()
+    rig.publish(testing, TESTING)
+    rig.publish(none, NONE)
+    client = SocketmapClient(daemon.port)
+    assert client.ask(testing) == "NOTFOUND "
+    assert client.ask(testing, "strict") == f"OK secure match=mx1.{testing}:.mx.{testing} servername=hostname"
+    assert client.ask(none) == "NOTFOUND "
+    assert client.ask(none, "strict") == "NOTFOUND "
+    assert client.ask(nothing) == "NOTFOUND "
+
+
+def test_keys_that_cannot_have_a_policy(rig, daemon):
+    # RFC 8461 §3.4: no parent-domain policies (Postfix asks ".example.com"), no address literals.
+    domain = rig.domain()
+    rig.publish(domain)
+    client = SocketmapClient(daemon.port)
+    before = len(rig.dns.queries)
+    for key in ("." + domain, "[192.0.2.1]", "192.0.2.1", "", "bad key", "x" * 300):
+        assert client.ask(key) == "NOTFOUND "
+    assert len(rig.dns.queries) == before
+
+
+def test_unknown_map_name_is_a_clear_error(daemon):
+    reply = SocketmapClient(daemon.port).ask("example.test", "nosuchmap")
+    assert reply.startswith("PERM unknown map name 'nosuchmap'")
+
+
+@pytest.mark.parametrize("garbage", [b"abc", b"12x:foo,", b"5:postfix,", b"3:abc;", b"99999999999:"])
+def test_malformed_frames_close_only_that_connection(rig, daemon, garbage):
+    domain = rig.domain()
+    rig.publish(domain)
+    good = SocketmapClient(daemon.port)
+    bad = SocketmapClient(daemon.port, timeout=5)
+    bad.send(garbage)
+    reply = bad.read_reply()
+    assert reply is None or reply.startswith("PERM ")
+    assert bad.read_reply() is None  # closed
+    assert good.ask(domain).startswith("OK secure")
+    assert "protocol error" in daemon.logs()
+
+
+def test_oversized_request_refused(daemon):
+    client = SocketmapClient(daemon.port)
+    client.send(b"20000:postfix " + b"a" * 100)
+    assert client.read_reply() == "PERM request longer than 10000 bytes"
+    assert client.read_reply() is None
+
+
+def test_pipelined_requests_answered_in_order(rig, daemon):
+    # Postfix reuses one connection; replies must keep request order even when a lookup waits.
+    slow, fast = rig.domain(), rig.domain()
+    rig.publish(slow, delay=0.5)
+    rig.publish(fast)
+    client = SocketmapClient(daemon.port)
+    assert client.ask(fast).startswith("OK")  # cached now
+    client.send(netstring(f"postfix {slow}".encode()) + netstring(f"postfix {fast}".encode())
+                + netstring(b"postfix .x") + netstring(f"postfix {slow}".encode()))
+    replies = [client.read_reply() for _ in range(4)]
+    assert replies[0] == replies[3] == f"OK secure match=mx1.{slow}:.mx.{slow} servername=hostname"
+    assert replies[1] == f"OK secure match=mx1.{fast}:.mx.{fast} servername=hostname"
+    assert replies[2] == "NOTFOUND "
+
+
+def test_idle_connection_closed(daemon):
+    client = SocketmapClient(daemon.port, timeout=10)
+    assert client.read_reply() is None  # the daemon closed it after idle_timeout (2 s here)
+
+
+def test_concurrent_lookups_share_one_fetch(rig, daemon):
+    # One DNS query and one HTTPS fetch, however many connections ask for the same new domain.
+    domain = rig.domain()
+    rig.publish(domain, delay=1.0)
+    replies: list[str | None] = []
+
+    def ask() -> None:
+        replies.append(SocketmapClient(daemon.port).ask(domain))
+
+    threads = [threading.Thread(target=ask) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert replies == [f"OK secure match=mx1.{domain}:.mx.{domain} servername=hostname"] * 20
+    assert rig.https.count(domain) == 1
+    assert rig.dns.count(f"_mta-sts.{domain}", "TXT") == 1
+
+
+def test_cached_answer_does_not_wait_for_the_network(rig, start_daemon):
+    # A usable cached policy is answered at once while the refresh runs in the background:
+    # here DNS never answers, and the lookup is still answered before the DNS timeout could end.
+    daemon = start_daemon(resolver={"txt_ttl_min": 1}, dns={"timeout": 8})
+    domain = rig.domain()
+    rig.publish(domain, ttl=1)
+    client = SocketmapClient(daemon.port, timeout=4)
+    assert client.ask(domain).startswith("OK secure")
+    time.sleep(1.2)  # the TXT TTL has passed: the next lookup triggers a refresh
+    rig.dns.fault(f"_mta-sts.{domain}", "timeout")
+    try:
+        assert client.ask(domain).startswith("OK secure")
+        assert client.ask(domain).startswith("OK secure")
+    finally:
+        rig.dns.fault(f"_mta-sts.{domain}", None)
+
+
+def test_one_log_line_per_decision(rig, daemon):
+    domain, nothing = rig.domain(), rig.domain()
+    rig.publish(domain)
+    client = SocketmapClient(daemon.port)
+    client.ask(domain)
+    client.ask(domain)
+    client.ask(nothing)
+    time.sleep(0.2)
+    lines = [line for line in daemon.logs().splitlines() if "socketmap map=postfix" in line]
+    assert any(f"domain={domain} answer=OK cache=miss reason=policy-enforce" in line for line in lines)
+    assert any(f"domain={domain} answer=OK cache=hit reason=policy-enforce" in line for line in lines)
+    assert any(f"domain={nothing} answer=NOTFOUND cache=miss reason=no-record" in line for line in lines)
+    assert len([line for line in lines if f"domain={domain} " in line]) == 2
+
+
+def test_unix_socket_listener(rig, start_daemon, tmp_path):
+    # A chrooted Postfix reaches the daemon through a unix socket with the mode the operator set.
+    path = tmp_path / "run" / "policyd.sock"
+    port = free_port()
+    start_daemon(port=port, socketmap={"listen": [f"unix:{path}", f"127.0.0.1:{port}"], "socket_mode": "0600"})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    domain = rig.domain()
+    rig.publish(domain)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(netstring(f"postfix {domain}".encode()))
+        data = b""
+        while not data.endswith(b","):
+            data += sock.recv(4096)
+    assert data.decode().split(":", 1)[1].startswith("OK secure match=")
