@@ -21,13 +21,13 @@ from .postfix import tls_policy
 from .resolution import Decision, PolicyResolver
 
 DESCRIPTION = """\
-MTA-STS (RFC 8461) policy daemon for Postfix (socketmap) and Exim.
+MTA-STS (RFC 8461) policy daemon for Postfix (socketmap) and Exim (${readsocket}).
 
 It discovers a destination domain's _mta-sts TXT record, fetches its policy over HTTPS, keeps it
 in a disk-backed cache for max_age, and tells the MTA how to deliver: for an enforce policy,
 verified TLS to an MX that matches the policy; otherwise, nothing (the MTA's own default).
-Runs without a config file: socketmap on 127.0.0.1:8461, SQLite cache in /var/lib/mtasts-policyd
-(root) or the XDG state directory.
+Runs without a config file: socketmap on 127.0.0.1:8461, Exim line protocol on 127.0.0.1:8462,
+SQLite cache in /var/lib/mtasts-policyd (root) or the XDG state directory.
 """
 
 EPILOG = """\
@@ -37,6 +37,8 @@ examples:
   mtasts-policyd query gmail.com example.org --json
 postfix main.cf:
   smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix
+exim (see contrib/exim/):
+  ${readsocket{inet:127.0.0.1:8462}{policy $domain\n}{5s}{}{none}}
 """
 
 
@@ -58,6 +60,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socketmap", metavar="ADDR", action="append",
                        help="socketmap listener HOST:PORT, [IPV6]:PORT or unix:/path; repeatable "
                             "(overrides socketmap.listen; default 127.0.0.1:8461)")
+    serve.add_argument("--exim", metavar="ADDR", action="append",
+                       help="Exim ${readsocket} listener, same forms; repeatable "
+                            "(overrides exim.listen; default 127.0.0.1:8462)")
     query = sub.add_parser("query", help="show what the daemon would answer for domains, and why",
                            description="Resolve each DOMAIN through the cache (and the network when "
                                        "nothing usable is cached) and print the answer and its reasons. "
@@ -73,10 +78,13 @@ def configure(args: argparse.Namespace) -> Config:
     config = load(args.config)
     if args.cache:
         config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, path=args.cache))
-    if getattr(args, "socketmap", None):
-        for text in args.socketmap:
-            parse_address(text)
-        config = dataclasses.replace(config, socketmap=dataclasses.replace(config.socketmap, listen=tuple(args.socketmap)))
+    for section in ("socketmap", "exim"):
+        listen = getattr(args, section, None)
+        if listen:
+            for text in listen:
+                parse_address(text)
+            replaced = dataclasses.replace(getattr(config, section), listen=tuple(listen))
+            config = dataclasses.replace(config, **{section: replaced})
     if args.log_level:
         config = dataclasses.replace(config, log_level=args.log_level)
     return config

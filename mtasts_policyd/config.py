@@ -45,6 +45,15 @@ class SocketmapConfig:
 
 
 @dataclass(frozen=True)
+class EximConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:8462",)  # [] turns the Exim listener off
+    socket_owner: str | None = None
+    socket_mode: str = "0660"
+    max_request: int = 1024
+    read_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     path: str | None = None  # None: /var/lib/mtasts-policyd/cache.sqlite3 (root) or the XDG state dir
     memory_entries: int = 100_000
@@ -53,6 +62,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class Config:
     socketmap: SocketmapConfig = SocketmapConfig()
+    exim: EximConfig = EximConfig()
     cache: CacheConfig = CacheConfig()
     dns: DnsSettings = DnsSettings()
     fetch: FetchSettings = FetchSettings()

@@ -8,6 +8,7 @@ import signal
 
 from .cache import PolicyCache, default_cache_path
 from .config import Config
+from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .discovery import Discovery
 from .fetch import PolicyFetcher
 from .listeners import SocketPermissions, open_listener, parse_address
@@ -35,12 +36,18 @@ async def run(config: Config) -> None:
     resolver = build_resolver(config)
     service = PolicyService(resolver, workers=config.workers)
     front = SocketmapFrontEnd(service, socketmap_settings(config))
-    permissions = SocketPermissions(config.socketmap.socket_owner, int(config.socketmap.socket_mode, 8))
+    exim = EximFrontEnd(service, EximSettings(config.exim.max_request, config.exim.read_timeout))
     servers = []
-    for text in config.socketmap.listen:
-        address = parse_address(text)
-        servers.append(await open_listener(lambda: SocketmapProtocol(front), address, permissions))
-        log.info("listening socketmap=%s maps=%s", address, ",".join(sorted(front.settings.maps)))
+    for kind, listen, owner, mode, factory in (
+            ("socketmap", config.socketmap.listen, config.socketmap.socket_owner, config.socketmap.socket_mode,
+             lambda: SocketmapProtocol(front)),
+            ("exim", config.exim.listen, config.exim.socket_owner, config.exim.socket_mode,
+             lambda: EximProtocol(exim))):
+        for text in listen:
+            address = parse_address(text)
+            servers.append(await open_listener(factory, address, SocketPermissions(owner, int(mode, 8))))
+            log.info("listening %s=%s", kind, address)
+    log.info("socketmap names: %s", ", ".join(sorted(front.settings.maps)))
     log.info("cache path=%s persistent=%s", resolver.cache.path, resolver.cache.persistent)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -15,13 +15,6 @@ from typing import Any
 import requests
 import requests.adapters
 
-try:
-    # Given assert_hostname, urllib3 matches the name itself and raises its own CertificateError
-    # (a ValueError, not ssl.CertificateError): a wrong-name certificate arrives as this class.
-    from urllib3.util.ssl_match_hostname import CertificateError as _NameMismatch
-except ImportError:  # pragma: no cover - older urllib3 without that module
-    _NameMismatch = ssl.CertificateError  # type: ignore[misc,assignment]
-
 from .discovery import Discovery
 from .errors import CertificateInvalid, FetchError, MtaStsError
 
@@ -51,7 +44,6 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
     def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         pool_kwargs["server_hostname"] = self._hostname
-        pool_kwargs["assert_hostname"] = self._hostname
         return host_params, pool_kwargs
 
 
@@ -64,7 +56,7 @@ def _certificate_error(exc: BaseException) -> str | None:
         seen = pending.pop()
         if isinstance(seen, ssl.SSLCertVerificationError):
             return seen.verify_message or str(seen)
-        if isinstance(seen, (ssl.CertificateError, _NameMismatch)):  # RFC 8461 §3.3: wrong name
+        if isinstance(seen, ssl.CertificateError):  # RFC 8461 §3.3: wrong name
             return str(seen)
         if isinstance(seen, BaseException):
             pending.extend([seen.__cause__, seen.__context__, *seen.args])

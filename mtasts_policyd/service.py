@@ -18,6 +18,12 @@ from .resolution import Decision, PolicyResolver
 log = logging.getLogger("mtasts_policyd.service")
 
 
+def describe(decision: Decision) -> str:
+    """The grep-able part of a decision log line, the same for every front end."""
+    failure = f" failure={decision.failure}" if decision.failure and decision.policy is None else ""
+    return f"domain={decision.domain} cache={decision.cache.value} reason={decision.reason}{failure}"
+
+
 class PolicyService:
     def __init__(self, resolver: PolicyResolver, workers: int = 32, max_background: int = 1000) -> None:
         self.resolver = resolver

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .names import clean_key
 from .postfix import MapOptions, tls_policy
 from .resolution import Decision
-from .service import PolicyService
+from .service import PolicyService, describe
 
 log = logging.getLogger("mtasts_policyd.socketmap")
 
@@ -45,16 +45,14 @@ class SocketmapFrontEnd:
         self.settings = settings
         self.connections = 0
 
-    def _reply(self, name: str, key: str, options: MapOptions, decision: Decision | None, domain: str | None) -> str:
+    def _reply(self, name: str, key: str, options: MapOptions, decision: Decision | None) -> str:
         policy = tls_policy(decision, options) if decision is not None else None
         reply = f"OK {policy}" if policy else "NOTFOUND "
         if log.isEnabledFor(logging.INFO):
             if decision is None:
-                log.info("socketmap map=%s key=%r answer=NOTFOUND reason=not-a-policy-domain", name, key)
+                log.info("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
             else:
-                log.info("socketmap map=%s domain=%s answer=%s cache=%s reason=%s%s", name, domain,
-                         "OK" if policy else "NOTFOUND", decision.cache.value, decision.reason,
-                         f" failure={decision.failure}" if decision.failure and decision.policy is None else "")
+                log.info("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", describe(decision))
         return reply
 
     def immediate(self, request: bytes) -> tuple[str | None, str | None]:
@@ -71,11 +69,11 @@ class SocketmapFrontEnd:
             return f"PERM unknown map name {name[:100]!r}; this daemon serves {', '.join(sorted(self.settings.maps))}", None
         domain = clean_key(key)
         if domain is None:
-            return self._reply(name, key, options, None, None), None
+            return self._reply(name, key, options, None), None
         decision = self.service.cached(domain)
         if decision is None:
             return None, domain
-        return self._reply(name, key, options, decision, domain), None
+        return self._reply(name, key, options, decision), None
 
     async def resolve(self, request: bytes, domain: str) -> str:
         name, _, key = request.decode("utf-8").partition(" ")
@@ -85,7 +83,7 @@ class SocketmapFrontEnd:
         except Exception as exc:  # a bug must defer mail, never downgrade it silently
             log.error("socketmap map=%s domain=%s answer=TEMP reason=internal-error error=%r", name, domain, exc)
             return "TEMP internal error in mtasts-policyd; see its log"
-        return self._reply(name, key, options, decision, domain)
+        return self._reply(name, key, options, decision)
 
 
 class SocketmapProtocol(asyncio.Protocol):

@@ -120,6 +120,7 @@ class Daemon:
     config_path: Path
     port: int
     log_path: Path
+    exim_port: int | None = None
     process: subprocess.Popen | None = None
     args: list[str] = field(default_factory=list)
 
@@ -163,9 +164,11 @@ def start_daemon(rig: Rig, tmp_path: Path):
         port = port or free_port()
         data = rig.config(cache_path or tmp_path / "cache.sqlite3", **extra)
         data.setdefault("socketmap", {}).setdefault("listen", [f"127.0.0.1:{port}"])
+        exim_port = free_port()
+        data.setdefault("exim", {}).setdefault("listen", [f"127.0.0.1:{exim_port}"])
         path = tmp_path / f"config{len(running)}.yaml"
         path.write_text(yaml.safe_dump(data))
-        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log").start()
+        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log", exim_port=exim_port).start()
         running.append(daemon)
         return daemon
 

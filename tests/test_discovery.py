@@ -312,12 +312,17 @@ def test_fault_cleared_record_is_found_again(rig, discovery: Discovery) -> None:
 
 
 def test_addresses_are_ipv4_then_ipv6(rig, discovery: Discovery) -> None:
-    """RFC 8461 §3.3: the policy host mta-sts.<domain> is reached at its A and AAAA addresses."""
+    """RFC 8461 §3.3: the policy host mta-sts.<domain> is reached at its A and AAAA addresses.
+    Order inside one RRset means nothing (RFC 2181 §5; the server shuffles it), so only the
+    IPv4-before-IPv6 order is asserted."""
     host = f"mta-sts.{rig.domain()}"
     rig.dns.set(host, "A", "127.0.0.1", "127.0.0.2")
     rig.dns.set(host, "AAAA", "::1")
 
-    assert discovery.addresses(host) == ["127.0.0.1", "127.0.0.2", "::1"]
+    found = discovery.addresses(host)
+
+    assert sorted(found[:2]) == ["127.0.0.1", "127.0.0.2"]
+    assert found[2:] == ["::1"]
 
 
 def test_addresses_ipv6_only(rig, discovery: Discovery) -> None:

@@ -86,15 +86,18 @@ def test_body_of_exactly_64_kib_is_accepted(rig, fetcher: PolicyFetcher) -> None
 
 
 def test_next_address_is_tried_when_one_refuses(rig, fetcher: PolicyFetcher) -> None:
-    """RFC 8461 §3.3: the policy host is mta-sts.<domain> at whichever address answers; one
-    dead address (nothing listens on 127.0.0.2) must not hide the live one."""
+    """RFC 8461 §3.3: the policy host is mta-sts.<domain> at whichever address answers; dead
+    addresses (nothing listens on 127.0.0.2-4) must not hide the live one. The server shuffles
+    the RRset (RFC 2181 §5: it has no order), so four fetches all but surely meet a dead
+    address first at least once; every one of them must succeed."""
     assert rig.https.host == "127.0.0.1"  # the server listens on this address only
     domain = rig.domain()
     rig.publish(domain, POLICY)
-    rig.dns.set(f"mta-sts.{domain}", "A", "127.0.0.2", "127.0.0.1")
+    rig.dns.set(f"mta-sts.{domain}", "A", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.1")
 
-    assert fetcher.fetch(domain) == POLICY.format(d=domain).encode()
-    assert rig.https.count(domain) == 1
+    for _ in range(4):
+        assert fetcher.fetch(domain) == POLICY.format(d=domain).encode()
+    assert rig.https.count(domain) == 4
 
 
 # ----- HTTP answers that are not a policy: RFC 8461 §3.3 -------------------------------------

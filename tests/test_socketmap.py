@@ -167,9 +167,10 @@ def test_one_log_line_per_decision(rig, daemon):
     client.ask(nothing)
     time.sleep(0.2)
     lines = [line for line in daemon.logs().splitlines() if "socketmap map=postfix" in line]
-    assert any(f"domain={domain} answer=OK cache=miss reason=policy-enforce" in line for line in lines)
-    assert any(f"domain={domain} answer=OK cache=hit reason=policy-enforce" in line for line in lines)
-    assert any(f"domain={nothing} answer=NOTFOUND cache=miss reason=no-record" in line for line in lines)
+    assert any(f"answer=OK domain={domain} cache=miss reason=policy-enforce" in line for line in lines)
+    assert any(f"answer=OK domain={domain} cache=hit reason=policy-enforce" in line for line in lines)
+    assert any(f"answer=NOTFOUND domain={nothing} cache=miss reason=no-record failure=no-record" in line
+               for line in lines)
     assert len([line for line in lines if f"domain={domain} " in line]) == 2
 
 

@@ -1,0 +1,141 @@
+"""Exim front end for `${readsocket}`: one request line in, one reply line out, then close.
+
+Exim writes the request, half-closes, and reads until EOF; a server that keeps the connection
+open makes the expansion fail at its timeout although the answer arrived. So every connection
+carries exactly one request, and the reply is always followed by a close.
+
+Grammar (README "Exim"):
+    request  = [verb SP] domain [SP host] LF        ; LF optional: EOF ends the request too
+    policy DOMAIN   -> "enforce PATTERN..." | "testing PATTERN..." | "none"
+    DOMAIN          -> the same as "policy DOMAIN"
+    mx DOMAIN HOST  -> "match" | "nomatch" | "none"   (RFC 8461 §4.1 for HOST; "none": no policy)
+    anything else   -> "error REASON"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from .names import clean_key
+from .policy import Mode
+from .resolution import Decision
+from .service import PolicyService, describe
+
+log = logging.getLogger("mtasts_policyd.exim")
+
+
+@dataclass(frozen=True)
+class EximSettings:
+    max_request: int = 1024  # bytes; one domain and one host name fit many times over
+    read_timeout: float = 10.0  # a client that sends nothing (or half a line) is dropped after this
+
+
+def policy_reply(decision: Decision | None) -> str:
+    policy = decision.policy if decision is not None else None
+    if policy is None or policy.mode is Mode.NONE:
+        return "none"  # RFC 8461 §5: none, no policy and no usable policy all mean "as before"
+    return " ".join([policy.mode.value, *policy.mx])
+
+
+def mx_reply(decision: Decision | None, host: str) -> str:
+    policy = decision.policy if decision is not None else None
+    if policy is None or policy.mode is Mode.NONE:
+        return "none"
+    return "match" if policy.matches(host) else "nomatch"
+
+
+class EximFrontEnd:
+    def __init__(self, service: PolicyService, settings: EximSettings = EximSettings()) -> None:
+        self.service = service
+        self.settings = settings
+
+    async def answer(self, request: bytes) -> str:
+        try:
+            words = request.decode("utf-8").split()
+        except UnicodeDecodeError:
+            return self._error("request is not UTF-8 text")
+        if not words:
+            return self._error("empty request")
+        verb = words[0].lower() if words[0].lower() in ("policy", "mx") else "policy"
+        args = words[1:] if words[0].lower() == verb else words
+        expected = 2 if verb == "mx" else 1
+        if len(args) != expected:
+            return self._error(f"usage: {'mx DOMAIN HOST' if verb == 'mx' else '[policy] DOMAIN'}")
+        domain = clean_key(args[0])
+        decision = await self.service.lookup(domain) if domain is not None else None
+        reply = mx_reply(decision, args[1]) if verb == "mx" else policy_reply(decision)
+        if log.isEnabledFor(logging.INFO):
+            target = f" host={args[1]}" if verb == "mx" else ""
+            what = describe(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"
+            log.info("exim verb=%s answer=%s %s%s", verb, reply.split(" ", 1)[0], what, target)
+        return reply
+
+    def _error(self, reason: str) -> str:
+        log.warning("exim answer=error reason=%r", reason)
+        return f"error {reason}"
+
+
+class EximProtocol(asyncio.Protocol):
+    def __init__(self, front: EximFrontEnd) -> None:
+        self.front = front
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.answered = False  # set once a request was taken (or refused): nothing more is read
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(self.front.settings.read_timeout, self._timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+    def _timed_out(self) -> None:
+        if not self.answered:
+            log.warning("exim answer=error reason='no complete request within %ss'", self.front.settings.read_timeout)
+            self._finish("error timeout waiting for the request line")
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return  # one request per connection; anything after the line is ignored
+        self.buffer += data
+        newline = self.buffer.find(b"\n")
+        if newline >= 0:
+            self._start(bytes(self.buffer[:newline]))
+        elif len(self.buffer) > self.front.settings.max_request:
+            log.warning("exim answer=error reason='request longer than %d bytes'", self.front.settings.max_request)
+            self._finish(f"error request longer than {self.front.settings.max_request} bytes")
+
+    def eof_received(self) -> bool:
+        if not self.answered:
+            self._start(bytes(self.buffer))  # Exim half-closes after writing: EOF ends the request
+        return True  # keep our half open to write the reply
+
+    def _start(self, request: bytes) -> None:
+        self.answered = True
+        if len(request) > self.front.settings.max_request:
+            self._finish(f"error request longer than {self.front.settings.max_request} bytes")
+            return
+        self.task = asyncio.get_running_loop().create_task(self._answer(request.rstrip(b"\r")))
+
+    async def _answer(self, request: bytes) -> None:
+        try:
+            reply = await self.front.answer(request)
+        except Exception as exc:  # never a silent downgrade: Exim sees an error, not "none"
+            log.error("exim answer=error reason=internal-error error=%r", exc)
+            reply = "error internal error in mtasts-policyd; see its log"
+        self._finish(reply)
+
+    def _finish(self, reply: str) -> None:
+        self.answered = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply.encode("utf-8") + b"\n")
+            self.transport.close()
