@@ -37,11 +37,13 @@ CREATE TABLE IF NOT EXISTS policies (
     failure_at      REAL,
     failures        INTEGER NOT NULL DEFAULT 0,
     retry_after     REAL NOT NULL DEFAULT 0,
-    last_lookup     REAL NOT NULL DEFAULT 0
+    last_lookup     REAL NOT NULL DEFAULT 0,
+    mx_hosts        TEXT,
+    mx_expires_at   REAL NOT NULL DEFAULT 0
 )
 """
 _COLUMNS = ("domain", "txt_record", "policy_id", "policy_body", "fetched_at", "txt_expires_at", "negative_until",
-            "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup")
+            "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup", "mx_hosts", "mx_expires_at")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Entry:
     failures: int = 0  # consecutive failures, for back-off
     retry_after: float = 0.0  # no network for this domain before then
     last_lookup: float = 0.0
+    mx_hosts: tuple[str, ...] | None = None  # MX host names, looked up for policies with "*." patterns
+    mx_expires_at: float = 0.0
 
     @property
     def expires_at(self) -> float | None:
@@ -77,12 +81,14 @@ class Entry:
 def _to_row(e: Entry) -> tuple[object, ...]:
     return (e.domain, e.txt_record, e.policy_id, e.policy_body, e.fetched_at, e.txt_expires_at, e.negative_until,
             e.failure.kind.value if e.failure else None, e.failure.detail if e.failure else None,
-            e.failure_at, e.failures, e.retry_after, e.last_lookup)
+            e.failure_at, e.failures, e.retry_after, e.last_lookup,
+            " ".join(e.mx_hosts) if e.mx_hosts is not None else None, e.mx_expires_at)
 
 
 def _from_row(row: tuple) -> Entry:
     values = dict(zip(_COLUMNS, row))
     kind, detail = values.pop("failure_kind"), values.pop("failure_detail")
+    mx_hosts = values.pop("mx_hosts")
     body = values["policy_body"]
     policy = None
     if body is not None:
@@ -91,7 +97,8 @@ def _from_row(row: tuple) -> Entry:
         except InvalidPolicy:
             log.warning("cache domain=%s stored policy no longer parses; ignored", values["domain"])
     failure = Failure(FailureKind(kind), detail or "") if kind else None
-    return Entry(policy=policy, failure=failure, **values)
+    return Entry(policy=policy, failure=failure, mx_hosts=tuple(mx_hosts.split()) if mx_hosts is not None else None,
+                 **values)
 
 
 def default_cache_path() -> str:

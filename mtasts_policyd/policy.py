@@ -38,6 +38,10 @@ class Policy:
     lines: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def has_wildcards(self) -> bool:
+        return any(pattern.startswith("*.") for pattern in self.mx)
+
     def matches(self, host: str) -> bool:
         """RFC 8461 §4.1: does the MX host name match at least one mx pattern of this policy?"""
         name = to_alabel(host)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .policy import Mode
+from .policy import Mode, Policy, mx_matches
 from .resolution import Decision
+
+# A name no certificate can carry (RFC 6761 .invalid): the answer when no MX host of the domain
+# matches the enforce policy, so that Postfix defers instead of trusting some other name.
+NO_MATCHING_MX = "no-mx-matches-the-mta-sts-policy.invalid"
 
 
 @dataclass(frozen=True)
@@ -20,11 +24,31 @@ class MapOptions:
     testing_as_enforce: bool = False  # answer testing policies as if they were enforce
     sts_attributes: bool = False  # Postfix >= 3.10: policy_type=sts ... (TLSRPT; MX skipping in >= 3.10.5)
     servername: bool = True  # servername=hostname needs Postfix >= 3.4
+    exact_wildcards: bool = True  # answer "*.x" with the MX hosts that match it, not ".x"
 
 
 def postfix_match(pattern: str) -> str:
     """MTA-STS "*.example.net" is Postfix ".example.net" (which Postfix reads as any depth)."""
     return pattern[1:] if pattern.startswith("*.") else pattern
+
+
+def match_names(policy: Policy, mx_hosts: tuple[str, ...] | None, exact_wildcards: bool) -> list[str]:
+    """The match= names: policy patterns in order, "*." patterns expanded to matching MX hosts.
+
+    Postfix checks the server certificate against these names. Postfix < 3.10.5 reads ".x" as any
+    depth below x, RFC 8461 §4.1 allows one label: the domain's current MX hosts that match the
+    wildcard (kept in step with the MX TTL by the resolver) say exactly what is allowed.
+    """
+    names: list[str] = []
+    for pattern in policy.mx:
+        if not pattern.startswith("*."):
+            candidates = [pattern]
+        elif exact_wildcards and mx_hosts is not None:
+            candidates = [host for host in mx_hosts if mx_matches(pattern, host)]
+        else:
+            candidates = [postfix_match(pattern)]  # MX hosts not known (yet): the looser Postfix form
+        names += [name for name in candidates if name not in names]
+    return names or [NO_MATCHING_MX]
 
 
 def tls_policy(decision: Decision, options: MapOptions) -> str | None:
@@ -34,7 +58,7 @@ def tls_policy(decision: Decision, options: MapOptions) -> str | None:
         return None
     if not (policy.mode is Mode.ENFORCE or (policy.mode is Mode.TESTING and options.testing_as_enforce)):
         return None  # RFC 8461 §5: testing and none do not change delivery
-    parts = ["secure", "match=" + ":".join(postfix_match(p) for p in policy.mx)]
+    parts = ["secure", "match=" + ":".join(match_names(policy, decision.mx_hosts, options.exact_wildcards))]
     if options.servername:
         parts.append("servername=hostname")  # RFC 8461 §7.1: SNI is the MX host name
     if options.sts_attributes:

@@ -44,6 +44,7 @@ class Decision:
     failure: Failure | None = None  # why there is no policy, or the last refresh failure
     fetched_at: float | None = None
     expires_at: float | None = None
+    mx_hosts: tuple[str, ...] | None = None  # the domain's MX hosts, known when the policy has "*." patterns
 
     @property
     def mode(self) -> Mode | None:
@@ -82,6 +83,7 @@ def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
         failure=entry.failure,
         fetched_at=entry.fetched_at,
         expires_at=entry.expires_at,
+        mx_hosts=entry.mx_hosts,
     )
 
 
@@ -102,7 +104,8 @@ class PolicyResolver:
         return now >= entry.fetched_at + min(self._settings.refresh_after, entry.policy.max_age / 2)
 
     def _refresh_due(self, entry: Entry, now: float) -> bool:
-        return now >= entry.txt_expires_at or self._refetch_due(entry, now)
+        return now >= entry.txt_expires_at or self._refetch_due(entry, now) or (
+            entry.policy is not None and entry.policy.has_wildcards and now >= entry.mx_expires_at)
 
     def cached(self, domain: str) -> tuple[Decision | None, bool]:
         """(decision from the cache or None, whether a background refresh is due). No network."""
@@ -122,49 +125,70 @@ class PolicyResolver:
     def resolve(self, domain: str) -> Decision:
         """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision."""
         now = self._clock()
-        entry = self.cache.get(domain) or Entry(domain)
+        entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now)
+        entry = self._refresh_mx(entry, now)
+        self.cache.put(entry)
+        decision = decision_from(entry, now, CacheState.MISS)
+        detail = f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else ""
+        log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", domain, outcome, decision.reason,
+                 entry.policy_id or "-", detail)
+        return decision
+
+    def _refresh_policy(self, entry: Entry, now: float) -> tuple[Entry, str]:
+        """The entry after asking DNS (and HTTPS when needed), and a word on what happened."""
         usable = entry.usable_policy(now)
         s = self._settings
         try:
-            answer = self._discovery.sts_record(domain)
+            answer = self._discovery.sts_record(entry.domain)
         except (NoRecord, InvalidRecord) as exc:
             if usable is not None:
                 # RFC 8461 §5.1: a missing or broken TXT record does not remove a cached policy.
-                return self._store(replace(entry, txt_expires_at=now + _clamp(exc.ttl, s.txt_ttl_min, s.txt_ttl_max),
-                                           failure=exc.failure, failure_at=now), now, "kept")
+                return replace(entry, txt_expires_at=now + _clamp(exc.ttl, s.txt_ttl_min, s.txt_ttl_max),
+                               failure=exc.failure, failure_at=now), "kept"
             negative = _clamp(exc.ttl, s.negative_ttl_min, s.negative_ttl_max)
-            return self._store(replace(entry, negative_until=now + negative, failure=exc.failure,
-                                       failure_at=now, failures=0, retry_after=0.0), now, "no-policy")
+            return replace(entry, negative_until=now + negative, failure=exc.failure,
+                           failure_at=now, failures=0, retry_after=0.0), "no-policy"
         except DnsTemporaryFailure as exc:
-            return self._failed(entry, exc, now, s.dns_backoff_min)
+            return self._failed(entry, exc, now, s.dns_backoff_min), "failed"
         txt_expires_at = now + _clamp(answer.ttl, s.txt_ttl_min, s.txt_ttl_max)
         if usable is not None and answer.record.id == entry.policy_id and not self._refetch_due(entry, now):
-            return self._store(replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0,
-                                       retry_after=0.0), now, "unchanged")
+            return replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0, retry_after=0.0), "unchanged"
         try:
-            body = self._fetcher.fetch(domain)
+            body = self._fetcher.fetch(entry.domain)
             policy = parse_policy(body)
         except MtaStsError as exc:
-            return self._failed(entry, exc, now, s.backoff_min)
-        fresh = Entry(domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body, policy=policy, fetched_at=now,
-                      txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup)
+            return self._failed(entry, exc, now, s.backoff_min), "failed"
+        fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body,
+                      policy=policy, fetched_at=now, txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup,
+                      mx_hosts=entry.mx_hosts)  # mx_expires_at 0: a new policy gets a fresh MX look
         outcome = "fetched" if entry.policy_id in (None, answer.record.id) else f"changed from id={entry.policy_id}"
-        return self._store(fresh, now, outcome)
+        return fresh, outcome
 
-    def _failed(self, entry: Entry, exc: MtaStsError, now: float, base: int) -> Decision:
+    def _refresh_mx(self, entry: Entry, now: float) -> Entry:
+        """Keep the MX host names of a domain whose policy has "*." patterns, in step with the MX TTL.
+
+        Postfix before 3.10.5 reads a match pattern ".mx.example" as any depth below mx.example, while
+        RFC 8461 §4.1 allows exactly one label; answering with the current MX hosts that match makes
+        the answer exact (postfix.py).
+        """
+        policy = entry.usable_policy(now)
+        if policy is None or not policy.has_wildcards or now < entry.mx_expires_at:
+            return entry
+        s = self._settings
+        try:
+            hosts, ttl = self._discovery.mx_hosts(entry.domain)
+        except NoRecord as exc:
+            hosts, ttl = [entry.domain], exc.ttl  # RFC 5321 §5.1: no MX means the domain itself
+        except MtaStsError as exc:
+            log.warning("mx domain=%s lookup failed: %s; keeping %s", entry.domain, exc.detail,
+                        " ".join(entry.mx_hosts) if entry.mx_hosts else "the plain patterns")
+            return replace(entry, mx_expires_at=now + s.dns_backoff_min)
+        return replace(entry, mx_hosts=tuple(hosts), mx_expires_at=now + _clamp(ttl, s.txt_ttl_min, s.txt_ttl_max))
+
+    def _failed(self, entry: Entry, exc: MtaStsError, now: float, base: int) -> Entry:
         failures = entry.failures + 1
         delay = min(base * 2 ** min(failures - 1, 16), self._settings.backoff_max)
-        kept = replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)
-        log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s",
-                    entry.domain, exc.kind.value, delay,
-                    entry.usable_policy(now).mode.value if entry.usable_policy(now) else "nothing",
-                    exc.detail)
-        self.cache.put(kept)
-        return decision_from(kept, now, CacheState.MISS)
-
-    def _store(self, entry: Entry, now: float, outcome: str) -> Decision:
-        self.cache.put(entry)
-        decision = decision_from(entry, now, CacheState.MISS)
-        log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", entry.domain, outcome, decision.reason,
-                 entry.policy_id or "-", f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else "")
-        return decision
+        usable = entry.usable_policy(now)
+        log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s", entry.domain,
+                    exc.kind.value, delay, usable.mode.value if usable else "nothing", exc.detail)
+        return replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)

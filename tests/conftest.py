@@ -29,6 +29,11 @@ _serial = itertools.count(1)
 ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
 
 
+def secure(domain: str) -> str:
+    """The Postfix answer for ENFORCE with the MX hosts `publish` gives: "*.mx.d" -> a.mx.d."""
+    return f"secure match=mx1.{domain}:a.mx.{domain} servername=hostname"
+
+
 @dataclass
 class Rig:
     dns: DnsServer
@@ -39,8 +44,9 @@ class Rig:
         return f"{label}{next(_serial)}.example.test"
 
     def publish(self, domain: str, body: str | None = None, *, id: str = "1", ttl: int = 300, **http: object) -> None:
-        """Publish _mta-sts TXT, the policy host's address, and the policy body."""
+        """Publish _mta-sts TXT, the policy host's address, the policy body and MX hosts."""
         self.dns.set(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={id}", ttl=ttl)
+        self.dns.set(domain, "MX", f"10 mx1.{domain}.", f"20 a.mx.{domain}.", ttl=ttl)
         self.dns.set(f"mta-sts.{domain}", "A", "127.0.0.1")
         self.https.set_policy(domain, (body if body is not None else ENFORCE).format(d=domain), **http)
 

@@ -238,3 +238,67 @@ def test_cache_survives_a_new_process(rig, make_resolver, tmp_path):
     assert second.cached(policy_domain)[0].mode is Mode.ENFORCE
     assert second.cached(empty_domain)[0].cache is CacheState.NEGATIVE
     assert (len(rig.dns.queries), len(rig.https.requests)) == before
+
+
+# --- "*." patterns and the domain's MX hosts (exact answers for Postfix < 3.10.5) ---
+
+from mtasts_policyd.postfix import NO_MATCHING_MX, MapOptions, tls_policy  # noqa: E402
+
+WILD = "version: STSv1\nmode: enforce\nmx: *.mx.{d}\nmax_age: 86400\n"
+
+
+def test_wildcard_answer_lists_matching_mx_hosts_only(rig, make_resolver):
+    # RFC 8461 §4.1: "*.mx.d" covers a.mx.d but not a.b.mx.d; Postfix's ".mx.d" would cover both.
+    domain = rig.domain()
+    rig.publish(domain, WILD)
+    rig.dns.set(domain, "MX", f"10 a.b.mx.{domain}.", f"20 A.MX.{domain}.", f"30 other.{domain}.")
+    decision = make_resolver().resolve(domain)
+    assert decision.mx_hosts == (f"a.b.mx.{domain}", f"a.mx.{domain}", f"other.{domain}")
+    assert tls_policy(decision, MapOptions()) == f"secure match=a.mx.{domain} servername=hostname"
+    assert tls_policy(decision, MapOptions(exact_wildcards=False)) == f"secure match=.mx.{domain} servername=hostname"
+
+
+def test_wildcard_with_no_matching_mx_gets_an_unmatchable_name(rig, make_resolver):
+    # No MX host is valid under the policy: Postfix must defer, never accept some other name.
+    domain = rig.domain()
+    rig.publish(domain, WILD)
+    rig.dns.set(domain, "MX", f"10 a.b.mx.{domain}.")
+    decision = make_resolver().resolve(domain)
+    assert tls_policy(decision, MapOptions()) == f"secure match={NO_MATCHING_MX} servername=hostname"
+
+
+def test_mx_hosts_followed_within_the_mx_ttl(rig, make_resolver, clock):
+    domain = rig.domain()
+    rig.publish(domain, WILD, ttl=3600)
+    rig.dns.set(domain, "MX", f"10 a.mx.{domain}.", ttl=120)
+    resolver = make_resolver(txt_ttl_max=3600)
+    resolver.resolve(domain)
+    rig.dns.set(domain, "MX", f"10 b.mx.{domain}.", ttl=120)
+    clock.advance(119)
+    assert resolver.cached(domain) == (resolver.cached(domain)[0], False)
+    clock.advance(2)
+    assert resolver.cached(domain)[1] is True  # the MX TTL passed: refresh in the background
+    decision = resolver.resolve(domain)
+    assert decision.mx_hosts == (f"b.mx.{domain}",)
+    assert rig.https.count(domain) == 1  # the policy itself was not fetched again
+
+
+def test_mx_failure_keeps_known_mx_hosts(rig, make_resolver, clock):
+    domain = rig.domain()
+    rig.publish(domain, WILD, ttl=3600)
+    rig.dns.set(domain, "MX", f"10 a.mx.{domain}.", ttl=60)
+    resolver = make_resolver(txt_ttl_max=3600)
+    resolver.resolve(domain)
+    rig.dns.fault(domain, "servfail")
+    try:
+        clock.advance(61)
+        assert resolver.resolve(domain).mx_hosts == (f"a.mx.{domain}",)
+    finally:
+        rig.dns.fault(domain, None)
+
+
+def test_policy_without_wildcards_needs_no_mx_lookup(rig, make_resolver):
+    domain = rig.domain()
+    rig.publish(domain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n")
+    decision = make_resolver().resolve(domain)
+    assert decision.mx_hosts is None and rig.dns.count(domain, "MX") == 0

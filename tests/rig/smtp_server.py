@@ -240,7 +240,7 @@ class _Session:
         # RFC 3207 4.2: forget everything learned before TLS, including the EHLO.
         self.helo = None
         self._reset_transaction()
-        self.server._count("tls_handshakes")
+        self.server._handshake_done(self.sni)
         return True
 
     def _cmd_mail(self, arg: str) -> None:
@@ -384,6 +384,7 @@ class SmtpServer:
         self._connections = 0
         self._tls_handshakes = 0
         self._tls_failures = 0
+        self._handshake_snis: list[str | None] = []
         self._open: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -492,9 +493,19 @@ class SmtpServer:
 
     @property
     def tls_failures(self) -> int:
-        """STARTTLS handshakes that failed (e.g. the client rejected the certificate)."""
+        """STARTTLS handshakes that failed. Note: a client that verifies inside the handshake
+        (Python, many OpenSSL users) fails it on a bad certificate, but Postfix completes
+        the handshake, verifies afterwards and then just hangs up; so to prove a sender
+        refused an MX, assert on `messages`, not on this counter."""
         with self._lock:
             return self._tls_failures
+
+    @property
+    def handshake_snis(self) -> list[str | None]:
+        """The SNI name (or None) of every completed handshake, in order, whether or not
+        a message followed."""
+        with self._lock:
+            return list(self._handshake_snis)
 
     def wait_for(self, count: int = 1, timeout: float = 30) -> bool:
         """Block until at least `count` messages have arrived; False on timeout or stop."""
@@ -512,6 +523,7 @@ class SmtpServer:
         with self._lock:
             self._messages.clear()
             self._connections = self._tls_handshakes = self._tls_failures = 0
+            self._handshake_snis.clear()
 
     # ----- internals -------------------------------------------------------
 
@@ -558,6 +570,11 @@ class SmtpServer:
     def _count(self, name: str) -> None:
         with self._lock:
             setattr(self, f"_{name}", getattr(self, f"_{name}") + 1)
+
+    def _handshake_done(self, sni: str | None) -> None:
+        with self._lock:
+            self._tls_handshakes += 1
+            self._handshake_snis.append(sni)
 
     def _record(self, message: Received) -> None:
         with self._lock:
