@@ -1,0 +1,58 @@
+"""Fixtures for the end-to-end tests: the world (DNS, HTTPS, MX hosts), the daemon, the MTAs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from tests.conftest import Daemon
+from tests.e2e.world import SCENARIOS, World, in_private_namespace, start_world, temp_dir
+
+SOCKETMAP_PORT = 8461
+EXIM_PORT = 8462
+
+
+@pytest.fixture(scope="session")
+def world() -> Iterator[World]:
+    if not in_private_namespace():
+        message = "end-to-end tests run inside the private namespace that `bash .ci/run` makes (as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    directory = temp_dir("mtasts-e2e-")
+    world = start_world(directory)
+    for scenario in SCENARIOS:
+        world.publish(scenario)
+    try:
+        yield world
+    finally:
+        world.stop()
+        world.https.stop()
+        world.dns.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def policyd(world: World) -> Iterator[Daemon]:
+    """mtasts-policyd on its default ports, resolving through the world's DNS server."""
+    config = {
+        "socketmap": {"listen": [f"127.0.0.1:{SOCKETMAP_PORT}"]},
+        "exim": {"listen": [f"127.0.0.1:{EXIM_PORT}"]},
+        "dns": {"nameservers": ["127.0.0.1"], "timeout": 3},
+        "fetch": {"ca_file": world.ca_file, "timeout": 5},
+        "cache": {"path": str(world.directory / "policyd" / "cache.sqlite3")},
+        # Short bounds so a changed policy id is followed within the test's TXT TTL.
+        "resolver": {"txt_ttl_min": 1, "negative_ttl_min": 1, "backoff_min": 1, "dns_backoff_min": 1},
+    }
+    path = world.directory / "policyd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    daemon = Daemon(path, SOCKETMAP_PORT, world.directory / "policyd.log").start()
+    try:
+        yield daemon
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.stop()
