@@ -57,18 +57,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Domain sets (deterministic, so every process derives the same names from the same numbers)
 # --------------------------------------------------------------------------------------------
 
-def domain_sets(total: int, policy_share: float, cold: int) -> dict[str, list[str]]:
+def domain_sets(total: int, policy_share: float, cold: int, repeat: int, profile: bool = False) -> dict[str, list[str]]:
     n_policy = max(1, round(total * policy_share))
-    return {
+    sets = {
         "none": [f"n{i}.nopolicy.bench.test" for i in range(total - n_policy)],
         "policy": [f"p{i}.policy.bench.test" for i in range(n_policy)],
-        "cold-ours": [f"c{i}.cold-ours.bench.test" for i in range(cold)],
-        "cold-peer": [f"c{i}.cold-peer.bench.test" for i in range(cold)],
+        "cold-profile": [f"c{i}.cold-profile.bench.test" for i in range(cold if profile else 0)],
     }
+    for name in ("ours", "peer"):  # a fresh set for every cold burst: never seen by anybody
+        for rep in range(repeat):
+            sets[f"cold-{name}-{rep}"] = [f"c{i}.cold-{name}-{rep}.bench.test" for i in range(cold)]
+    return sets
 
 
 def published(sets: dict[str, list[str]]) -> list[str]:
-    return sets["policy"] + sets["cold-ours"] + sets["cold-peer"]
+    return [d for key, domains in sets.items() if key != "none" for d in domains]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,13 +88,29 @@ def _die_with_parent() -> None:
     os.setpgid(0, 0)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
+def cpu_seconds(pid: int, part: str = "all") -> float:
+    """utime + stime (or one of them: part "user" / "sys") of a process, all its threads, from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    return {"all": user + system, "user": user, "sys": system}[part]
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (threads created later inherit from their creator)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:
+            pass  # the thread ended meanwhile
+
+
+def machine_busy() -> float:
+    """CPU seconds spent busy by the whole machine (all CPUs, every process, any namespace)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK  # minus idle and iowait
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -171,11 +190,13 @@ def role_dns(args: argparse.Namespace) -> None:
         def _exists(self, key: str) -> bool:
             return key in self._existing
 
-    sets = domain_sets(args.domains, args.policy_share, args.cold)
+    sets = domain_sets(args.domains, args.policy_share, args.cold, args.repeat, args.profile)
     server = BenchDnsServer("127.0.0.1", 53, lifetime=args.lifetime, negative_ttl=LONG_TTL)
     for domain in published(sets):
         server.set(f"_mta-sts.{domain}", "TXT", "v=STSv1; id=1", ttl=LONG_TTL)
         server.set(f"mta-sts.{domain}", "A", "127.0.0.1", ttl=LONG_TTL)
+        # MX hosts matching the policy's two patterns (mx1.D and *.mx.D), for daemons that look them up
+        server.set(domain, "MX", f"10 mx1.{domain}.", f"20 a.mx.{domain}.", ttl=LONG_TTL)
     server.freeze()
     server.start()
     print("READY", flush=True)
@@ -198,9 +219,12 @@ def role_dns(args: argparse.Namespace) -> None:
 
 def role_https(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
-    from tests.rig import PolicyServer
+    from tests.rig import PolicyServer, policy_server
 
-    sets = domain_sets(args.domains, args.policy_share, args.cold)
+    # socketserver's listen backlog is 5: a burst of 64 concurrent connects overflows it and the
+    # dropped SYNs are retried after 1 s, which would measure the rig, not the daemons.
+    policy_server._TLSServer.request_queue_size = 1024
+    sets = domain_sets(args.domains, args.policy_share, args.cold, args.repeat, args.profile)
     server = PolicyServer("127.0.0.1", 443, lifetime=args.lifetime)
     for domain in published(sets):
         server.set_policy(domain, ENFORCE.format(d=domain))
@@ -383,18 +407,38 @@ class Driver:
         self.args = args
         self.tmp = tmp
         self.children: list[Child] = []
-        self.sets = domain_sets(args.domains, args.policy_share, args.cold)
+        self.sets = domain_sets(args.domains, args.policy_share, args.cold, args.repeat, args.profile)
         self.dns: Child | None = None
+        self.rig: dict[str, Child] = {}
         self.ca_file = ""
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        self.loadgen: Path | None = None
+        self.client_kind = "Python asyncio client (--python-client)"
+        self.peer_versions = ""
+
+    def build_loadgen(self) -> None:
+        """Compile bench/loadgen.c (epoll, C); without a compiler the Python client is used."""
+        if self.args.python_client:
+            return
+        binary = self.tmp / "loadgen"
+        try:
+            subprocess.run(["cc", "-O2", "-o", str(binary), str(BENCH / "loadgen.c")], check=True,
+                           capture_output=True, timeout=60)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.client_kind = f"Python asyncio client (no C compiler: {exc})"
+            return
+        self.loadgen = binary
+        self.client_kind = "C epoll client (bench/loadgen.c)"
 
     # ----- infrastructure ------------------------------------------------------------------
 
     def role_argv(self, role: str) -> list[str]:
         a = self.args
         return [sys.executable, str(Path(__file__).resolve()), "--role", role, "--domains", str(a.domains),
-                "--policy-share", str(a.policy_share), "--cold", str(a.cold), "--lifetime", str(a.lifetime)]
+                "--policy-share", str(a.policy_share), "--cold", str(a.cold), "--lifetime", str(a.lifetime),
+                "--repeat", str(a.repeat),
+                *(["--profile"] if a.profile else [])]
 
     def start_rig(self) -> None:
         self.dns = Child("dns", self.role_argv("dns"), log=self.tmp / "dns.log",
@@ -403,6 +447,7 @@ class Driver:
         https = Child("https", self.role_argv("https"), log=self.tmp / "https.log",
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.children.append(https)
+        self.rig = {"dns": self.dns, "https": https}
         for child in (self.dns, https):
             line = child.proc.stdout.readline().decode().split()  # type: ignore[union-attr]
             if not line or line[0] != "READY":
@@ -420,16 +465,32 @@ class Driver:
         return int(self.dns_command("count"))
 
     def client(self, port: int, domains: list[str], expect: list[bool], connections: int, *, once: bool,
-               seed: int = 1) -> dict:
+               seed: int = 1, cpus: set[int] | None = None) -> dict:
         a = self.args
         spec = {"port": port, "domains": domains, "expect_policy": expect, "connections": connections,
                 "once": once, "ramp": a.ramp, "duration": a.duration, "seed": seed,
                 "timeout": a.burst_timeout if once else a.ramp + a.duration + 30}
+        if self.loadgen is not None:
+            order = list(range(len(domains)))
+            random.Random(seed).shuffle(order)
+            keys = self.tmp / "keys.txt"
+            keys.write_text("".join(f"{'P' if expect[i] else 'N'} {domains[i]}\n" for i in order))
+            argv = [str(self.loadgen), str(port), str(connections), "once" if once else "loop", str(a.ramp),
+                    str(a.duration), str(spec["timeout"]), str(keys)]
+            out = subprocess.run(argv, capture_output=True, timeout=spec["timeout"] + 30,
+                                 preexec_fn=lambda: (_die_with_parent(), cpus and os.sched_setaffinity(0, cpus)))
+            if out.returncode != 0:
+                raise RuntimeError(f"loadgen failed: {out.stderr.decode(errors='replace')[-2000:]}")
+            result = json.loads(out.stdout)
+            for field in ("p50", "p90", "p99", "max"):
+                if result[field] < 0:
+                    result[field] = float("nan")
+            return result
         path = self.tmp / "client-spec.json"
         path.write_text(json.dumps(spec))
         argv = [sys.executable, str(Path(__file__).resolve()), "--role", "client", "--spec", str(path)]
         out = subprocess.run(argv, cwd=ROOT, env=clean_env(), capture_output=True, timeout=spec["timeout"] + 30,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=lambda: (_die_with_parent(), cpus and os.sched_setaffinity(0, cpus)))
         if out.returncode != 0:
             raise RuntimeError(f"client failed: {out.stderr.decode(errors='replace')[-2000:]}")
         return json.loads(out.stdout)
@@ -444,6 +505,8 @@ class Driver:
             "cache": {"path": str(self.tmp / "ours-cache.sqlite3")},
             "socketmap": {"listen": [f"127.0.0.1:{OURS_PORT}"]},
         }
+        for key, value in json.loads(self.args.ours_config or "{}").items():  # e.g. {"workers": 64}
+            config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
         path = self.tmp / "ours.yaml"
         path.write_text(yaml.safe_dump(config))
         argv = [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(path), "--log-level", "warning"]
@@ -471,6 +534,13 @@ class Driver:
         self.children.append(child)
         wait_port(PEER_PORT, child.proc, "mta-sts-daemon")
         return child
+
+    def pinning(self) -> tuple[set[int], set[int]] | None:
+        """(client CPUs, daemon CPUs) for the cached rows, or None (--no-pin, or a single CPU)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if self.args.no_pin or len(cpus) < 2:
+            return None
+        return {cpus[0]}, {cpus[1]}
 
     def stop_child(self, child: Child) -> None:
         child.stop()
@@ -505,99 +575,151 @@ class Driver:
                 if has_policy:
                     words = reply.split()
                     match = next((w[6:] for w in words if w.startswith("match=")), "")
-                    if words[:2] != ["OK", "secure"] or set(match.split(":")) != {f"mx1.{domain}", f".mx.{domain}"}:
+                    # "*.mx.D" may be answered as Postfix's ".mx.D" or expanded to the MX host a.mx.D
+                    accepted = ({f"mx1.{domain}", f".mx.{domain}"}, {f"mx1.{domain}", f"a.mx.{domain}"})
+                    if words[:2] != ["OK", "secure"] or set(match.split(":")) not in accepted:
                         problems.append(f"{name}: {domain} (enforce policy) -> {reply!r}")
                 elif reply != "NOTFOUND ":
                     problems.append(f"{name}: {domain} (no policy) -> {reply!r}")
         return problems
 
-    # ----- one daemon's whole session ------------------------------------------------------
+    # ----- measurements ----------------------------------------------------------------------
 
-    def bench_daemon(self, name: str) -> dict:
-        a = self.args
-        results: dict = {"rows": {}, "dns": {}, "cpu": {}}
-        child = self.start_ours() if name == "ours" else self.start_peer()
-        port = OURS_PORT if name == "ours" else PEER_PORT
+    def warm_up(self, name: str, port: int) -> dict:
+        """Every domain once (policies fetched; negative answers cached where the daemon caches them),
+        then once more: the second pass shows how many DNS queries a fully cached pass still makes."""
+        mix, expect = self.mix()
+        q0 = self.dns_queries()
+        first = self.client(port, mix, expect, 64, once=True, seed=3)
+        q1 = self.dns_queries()
+        second = self.client(port, mix, expect, 64, once=True, seed=4)
+        q2 = self.dns_queries()
+        for w in (first, second):
+            if w["wrong"] or w["error"]:
+                self.warnings.append(f"{name} warm-up: {w['wrong']} wrong answers {w['examples']} {w['error'] or ''}")
+        self.warnings.extend(self.sample_check(name, port))
+        return {"first": first, "second": second, "dns_first": q1 - q0, "dns_second": q2 - q1}
+
+    def mix(self) -> tuple[list[str], list[bool]]:
+        return (self.sets["policy"] + self.sets["none"],
+                [True] * len(self.sets["policy"]) + [False] * len(self.sets["none"]))
+
+    def measure(self, name: str, child: Child, port: int, label: str, domains: list[str], expect: list[bool],
+                conns: int, once: bool, seed: int) -> dict:
+        """One row for one daemon: the client's figures plus the daemon's CPU and the DNS queries made."""
+        pin = None if once else self.pinning()
+        if pin:  # daemon on one CPU, client on the other: steady cross-CPU wake-ups, as in production
+            set_affinity(child.pid, pin[1])
+        q0, c0, s0 = self.dns_queries(), cpu_seconds(child.pid), cpu_seconds(child.pid, "sys")
+        rig0 = {k: cpu_seconds(c.pid) for k, c in self.rig.items()}
+        busy0 = machine_busy()
+        t0 = time.perf_counter()
         try:
-            mix = self.sets["policy"] + self.sets["none"]
-            expect = [True] * len(self.sets["policy"]) + [False] * len(self.sets["none"])
-            # Warm-up: every domain once (policies fetched, negative answers cached where the daemon
-            # caches them), then once more so the second pass shows what a cached pass asks DNS.
-            q0 = self.dns_queries()
-            warm = self.client(port, mix, expect, 64, once=True, seed=3)
-            q1 = self.dns_queries()
-            warm2 = self.client(port, mix, expect, 64, once=True, seed=4)
-            q2 = self.dns_queries()
-            results["warmup"] = {"first": warm, "second": warm2, "dns_first": q1 - q0, "dns_second": q2 - q1}
-            for w in (warm, warm2):
-                if w["wrong"] or w["error"]:
-                    self.warnings.append(f"{name} warm-up: {w['wrong']} wrong answers {w['examples']} {w['error'] or ''}")
-            problems = self.sample_check(name, port)
-            results["sample_problems"] = problems
-            self.warnings.extend(problems)
-
-            rows = [
-                ("mix 90/10, 1 conn", mix, expect, 1),
-                ("mix 90/10, 8 conns", mix, expect, 8),
-                ("mix 90/10, 64 conns", mix, expect, 64),
-                ("100% policy, 64 conns", self.sets["policy"], [True] * len(self.sets["policy"]), 64),
-            ]
-            for label, domains, exp, conns in rows:
-                q0, c0, t0 = self.dns_queries(), cpu_seconds(child.pid), time.perf_counter()
-                r = self.client(port, domains, exp, conns, once=False)
-                r["daemon_cpu"] = (cpu_seconds(child.pid) - c0) / (time.perf_counter() - t0)
-                r["dns_per_lookup"] = (self.dns_queries() - q0) / max(1, r["total"])
-                results["rows"][label] = r
-                if r["wrong"] or r["error"]:
-                    self.warnings.append(f"{name} [{label}]: {r['wrong']} wrong answers of {r['total']} "
-                                         f"{r['examples']} {r['error'] or ''}")
-            if a.profile and name == "ours":
-                results["profile"] = self.profile_ours(child, port, mix, expect)
-
-            cold = self.sets[f"cold-{name}"]
-            q0, c0, t0 = self.dns_queries(), cpu_seconds(child.pid), time.perf_counter()
-            r = self.client(port, cold, [True] * len(cold), 64, once=True, seed=5)
-            r["daemon_cpu"] = (cpu_seconds(child.pid) - c0) / (time.perf_counter() - t0)
-            r["dns_per_lookup"] = (self.dns_queries() - q0) / max(1, r["total"])
-            results["rows"][f"cold burst {len(cold)} policy, 64 conns"] = r
-            if r["wrong"] or r["error"] or r["total"] != len(cold):
-                self.warnings.append(f"{name} [cold burst]: {r['wrong']} wrong answers, {r['total']}/{len(cold)} "
-                                     f"answered {r['examples']} {r['error'] or ''}")
+            r = self.client(port, domains, expect, conns, once=once, seed=seed, cpus=pin[0] if pin else None)
         finally:
-            alive = child.proc.poll() is None
-            self.stop_child(child)
-            if not alive:
-                self.warnings.append(f"{name} daemon died during the run; log tail:\n{child.tail()}")
-        log_text = (self.tmp / f"{name}.log").read_text(errors="replace")
-        results["log_lines"] = len(log_text.splitlines())
-        results["log_tail"] = "\n".join(log_text.splitlines()[-5:])
+            if pin:
+                set_affinity(child.pid, os.sched_getaffinity(0))
+        elapsed = time.perf_counter() - t0
+        r["daemon_cpu"] = (cpu_seconds(child.pid) - c0) / elapsed
+        r["daemon_sys"] = (cpu_seconds(child.pid, "sys") - s0) / elapsed
+        r["rig_cpu"] = {k: (cpu_seconds(c.pid) - rig0[k]) / elapsed for k, c in self.rig.items()}
+        # CPU used meanwhile by anything else on the machine (other jobs, the idle daemon): noise indicator
+        r["other_cpu"] = max(0.0, (machine_busy() - busy0) / elapsed - r["daemon_cpu"]
+                             - r["client_cpu"] / elapsed - sum(r["rig_cpu"].values()))
+        r["dns_per_lookup"] = (self.dns_queries() - q0) / max(1, r["total"])
+        if r["wrong"] or r["error"] or (once and r["total"] != len(domains)):
+            self.warnings.append(f"{name} [{label}]: {r['wrong']} wrong answers, {r['total']}"
+                                 f"{'/' + str(len(domains)) if once else ''} answered {r['examples']} "
+                                 f"{r['error'] or ''}")
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{name} daemon died during [{label}]; log tail:\n{child.tail()}")
+        return r
+
+    def rows(self) -> list[tuple[str, list[str], list[bool], int]]:
+        mix, expect = self.mix()
+        share = round(100 * len(self.sets["policy"]) / max(1, len(mix)))
+        policy = self.sets["policy"]
+        return [
+            (f"mix {100 - share}/{share}, 1 conn", mix, expect, 1),
+            (f"mix {100 - share}/{share}, 8 conns", mix, expect, 8),
+            (f"mix {100 - share}/{share}, 64 conns", mix, expect, 64),
+            ("100% policy, 64 conns", policy, [True] * len(policy), 64),
+        ]
+
+    def cold_label(self) -> str:
+        return f"cold burst {self.args.cold} policy, 64 conns"
+
+    def bench(self) -> dict:
+        """Both daemons run side by side (the idle one costs nothing); every row is measured
+        --repeat times per daemon, alternating which daemon goes first, so drift hits both alike."""
+        a = self.args
+        daemons = {"ours": (self.start_ours(), OURS_PORT), "peer": (self.start_peer(), PEER_PORT)}
+        results: dict = {name: {"rows": collections.defaultdict(list)} for name in daemons}
+        try:
+            for name, (child, port) in daemons.items():
+                results[name]["warmup"] = self.warm_up(name, port)
+            order = list(daemons)
+            for label, domains, expect, conns in self.rows():
+                for rep in range(a.repeat):
+                    for name in order if rep % 2 == 0 else order[::-1]:
+                        child, port = daemons[name]
+                        results[name]["rows"][label].append(
+                            self.measure(name, child, port, label, domains, expect, conns, once=False, seed=10 + rep))
+            for rep in range(a.repeat):
+                for name in order if rep % 2 == 0 else order[::-1]:
+                    child, port = daemons[name]
+                    cold = self.sets[f"cold-{name}-{rep}"]
+                    results[name]["rows"][self.cold_label()].append(
+                        self.measure(name, child, port, self.cold_label(), cold, [True] * len(cold), 64,
+                                     once=True, seed=5))
+            if a.profile:
+                child, port = daemons["ours"]
+                mix, expect = self.mix()
+                policy = self.sets["policy"]
+                cold = self.sets["cold-profile"]
+                results["ours"]["profile"] = self.profile_ours(child, port, mix, expect, once=False, tag="mix")
+                results["ours"]["profile_policy"] = self.profile_ours(child, port, policy, [True] * len(policy),
+                                                                      once=False, tag="policy")
+                results["ours"]["profile_cold"] = self.profile_ours(child, port, cold, [True] * len(cold),
+                                                                    once=True, tag="cold")
+        finally:
+            for name, (child, _) in daemons.items():
+                self.stop_child(child)
+                log_text = (self.tmp / f"{name}.log").read_text(errors="replace")
+                results[name]["log_lines"] = len(log_text.splitlines())
+                results[name]["log_tail"] = "\n".join(log_text.splitlines()[-5:])
+        for name in daemons:
+            results[name]["rows"] = dict(results[name]["rows"])
         return results
 
-    def profile_ours(self, child: Child, port: int, mix: list[str], expect: list[bool]) -> dict:
-        """py-spy samples our daemon during an extra (unreported) 64-connection mix row."""
+    def profile_ours(self, child: Child, port: int, domains: list[str], expect: list[bool], once: bool,
+                     tag: str) -> dict:
+        """py-spy samples our daemon during an extra (unreported) 64-connection row or burst."""
         py_spy = self.args.peer_venv / "bin" / "py-spy"
         if not py_spy.exists():
             return {"error": f"{py_spy} missing"}
-        out = self.tmp / "ours-profile.txt"
-        spy = Child("py-spy", [str(py_spy), "record", "--pid", str(child.pid), "--duration",
-                                str(int(self.args.ramp + self.args.duration)), "--rate", "250", "--format", "raw",
-                                "--nonblocking", "--output", str(out)], log=self.tmp / "py-spy.log")
+        out = self.tmp / f"ours-profile-{tag}.txt"
+        spy = Child("py-spy", [str(py_spy), "record", "--pid", str(child.pid), "--rate", "250", "--format", "raw",
+                                "--nonblocking", "--threads", *(["--gil"] if once else []), "--output", str(out)],
+                    log=self.tmp / "py-spy.log")
         self.children.append(spy)
-        time.sleep(0.5)
-        r = self.client(port, mix, expect, 64, once=False)
+        time.sleep(1.0)  # py-spy attaches
         try:
-            spy.proc.wait(timeout=30)
+            r = self.measure("ours", child, port, f"profile {tag}", domains, expect, 64, once=once, seed=6)
         finally:
-            self.stop_child(spy)
-        return {"row": r, "stacks": str(out), "summary": summarize_profile(out)}
+            spy.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                spy.proc.wait(timeout=30)
+            finally:
+                self.stop_child(spy)
+        return {"row": r, "stacks": str(out), "summary": summarize_profile(out, loop_only=not once)}
 
     # ----- the whole run -------------------------------------------------------------------
 
-    def run(self) -> tuple[dict, dict]:
+    def run(self) -> dict:
+        self.build_loadgen()
         self.start_rig()
-        ours = self.bench_daemon("ours")
-        peer = self.bench_daemon("peer")
-        return ours, peer
+        return self.bench()
 
     def stop_all(self) -> None:
         for child in reversed(self.children):
@@ -608,31 +730,45 @@ class Driver:
         self.children.clear()
 
 
-def summarize_profile(path: Path, top: int = 15) -> dict:
-    """Self and inclusive shares per function from py-spy's collapsed stacks (event-loop thread only)."""
+def summarize_profile(path: Path, top: int = 15, loop_only: bool = True) -> dict:
+    """Self and inclusive shares per function from py-spy's collapsed stacks. py-spy leaves out idle
+    samples (threads blocked in epoll_wait, queue waits, socket reads), so shares are of CPU time.
+    loop_only: keep the event-loop (main) thread only."""
     if not path.exists():
         return {"error": "no profile written"}
     self_t: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
             continue
-        frames = stack.split(";")
-        if not any("run_forever" in f or "_run_once" in f for f in frames):
-            continue  # worker threads idle in the pool: not the event loop's time
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        is_loop = any("_run_once" in f for f in frames)
+        if loop_only and not is_loop:
+            continue
         count = int(count_text)
         total += count
-        names = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                 if " (" in f else f for f in frames]
+        threads["event loop" if is_loop else "worker threads"] += count
+        names = []
+        for frame in frames:
+            func, _, where = frame.partition(" (")
+            file = where.split(":")[0]
+            short = file.split("site-packages/")[-1].split("/lib/python3")[-1].split("/work/main/")[-1]
+            names.append(f"{func} ({short})")
         self_t[names[-1]] += count
-        for n in set(names):
-            incl[n] += count
+        for name in set(names):
+            incl[name] += count
+    if not total:
+        return {"samples": 0, "self": [], "inclusive": [], "threads": []}
     return {
         "samples": total,
-        "self": [(n, c / total) for n, c in self_t.most_common(top)] if total else [],
-        "inclusive": [(n, c / total) for n, c in incl.most_common(top + 10)] if total else [],
+        "threads": [(n, c / total) for n, c in threads.most_common()],
+        "self": [(n, c / total) for n, c in self_t.most_common(top)],
+        "inclusive": [(n, c / total) for n, c in incl.most_common(top + 15)],
     }
 
 
@@ -648,73 +784,118 @@ def _ratio(a: float, b: float) -> str:
     return "n/a" if not b or a != a or b != b else f"{a / b:.2f}x"
 
 
-def report(args: argparse.Namespace, ours: dict, peer: dict, driver: Driver, command: str, peer_python: str,
+def _median(values: list[float]) -> float:
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def summarize_row(reps: list[dict]) -> dict:
+    """Medians over the repeats of one row, plus the spread of the rate."""
+    out = {key: _median([r[key] for r in reps]) for key in ("rate", "p50", "p99", "elapsed", "daemon_cpu",
+                                                            "daemon_sys", "dns_per_lookup", "other_cpu")}
+    out["others"] = [r["other_cpu"] for r in reps]
+    out["client_cpu"] = _median([r["client_cpu"] / (r["wall"] or 1) for r in reps])
+    out["rates"] = [r["rate"] for r in reps]
+    out["total"] = sum(r["total"] for r in reps)
+    out["wrong"] = sum(r["wrong"] for r in reps)
+    out["rig_cpu"] = {k: _median([r["rig_cpu"][k] for r in reps]) for k in reps[0].get("rig_cpu", {})}
+    return out
+
+
+def report(args: argparse.Namespace, results: dict, driver: Driver, command: str, peer_python: str,
            started: float) -> None:
+    ours, peer = results["ours"], results["peer"]
     print()
-    print("=" * 100)
+    print("=" * 118)
     print(f"mtasts-policyd vs {PEER_PACKAGE} {PEER_VERSION}  (socketmap, loopback only, same machine, same run)")
-    print("=" * 100)
+    print("=" * 118)
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), platform.processor() or "?")
     print(f"machine : nproc={os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), {cpu_model}, "
           f"{platform.system()} {platform.release()}")
     print(f"python  : ours {platform.python_version()} ({sys.executable}); peer {peer_python} "
-          f"({args.peer_venv / 'bin' / 'python'}); asyncio default loop for both (no uvloop installed)")
-    print(f"logging : ours --log-level warning; peer -v warn (both at their quiet level)")
-    print(f"caches  : ours SQLite + in-memory LRU (defaults); peer cache type internal (in-memory LRU), "
-          f"cache_grace {LONG_TTL}s")
+          f"({args.peer_venv / 'bin' / 'python'}); stock asyncio loop for both (uvloop not installed)")
+    print(f"peer    : {driver.peer_versions}")
+    print("logging : ours --log-level warning; peer -v warn (both at their quiet level)")
+    print(f"caches  : ours SQLite + in-memory LRU (its defaults); peer cache type internal (in-memory LRU), "
+          f"cache_grace {LONG_TTL}s so cached rows never re-check DNS on the request path")
+    print(f"dns     : test server negative TTL and TXT/A/MX TTL {LONG_TTL}s (nothing expires during the run)")
     print(f"load    : {args.domains} distinct domains ({len(driver.sets['policy'])} enforce-policy, "
-          f"{len(driver.sets['none'])} no _mta-sts record = NXDOMAIN); each row {args.ramp:g}s ramp + "
+          f"{len(driver.sets['none'])} without _mta-sts record = NXDOMAIN); cached rows {args.ramp:g}s ramp + "
           f"{args.duration:g}s measured; one outstanding request per connection")
+    pin = driver.pinning()
+    print(f"client  : {driver.client_kind}, one process; "
+          + (f"cached rows: client pinned to CPU {min(pin[0])}, daemon (all threads) to CPU {min(pin[1])}; "
+             "warm-up and cold bursts unpinned" if pin else "no CPU pinning"))
+    print(f"method  : both daemons warmed up, then each row run {args.repeat}x per daemon, alternating which goes "
+          f"first; figures are medians of the {args.repeat} runs (a fresh never-seen domain set per cold burst)")
     print()
     header = (f"{'row':<34}{'ours/s':>9}{'p50ms':>8}{'p99ms':>8}  |{'peer/s':>9}{'p50ms':>8}{'p99ms':>8}  |"
-              f"{'ratio ours/peer: /s':>20}{'p50':>7}{'p99':>7}")
+              f" ratio ours/peer:{'/s':>5}{'p50':>7}{'p99':>7}")
     print(header)
     print("-" * len(header))
-    for label, o in ours["rows"].items():
-        p = peer["rows"].get(label.replace("cold-ours", "cold-peer"))
-        if p is None:
-            continue
+    summaries = {name: {label: summarize_row(reps) for label, reps in res["rows"].items()}
+                 for name, res in (("ours", ours), ("peer", peer))}
+    for label, o in summaries["ours"].items():
+        p = summaries["peer"][label]
         print(f"{label:<34}{_fmt(o['rate'], '9.0f')}{_fmt(o['p50'], '8.2f')}{_fmt(o['p99'], '8.2f')}  |"
               f"{_fmt(p['rate'], '9.0f')}{_fmt(p['p50'], '8.2f')}{_fmt(p['p99'], '8.2f')}  |"
-              f"{_ratio(o['rate'], p['rate']):>20}{_ratio(o['p50'], p['p50']):>7}{_ratio(o['p99'], p['p99']):>7}")
-    cold_label = next(label for label in ours["rows"] if label.startswith("cold"))
-    o, p = ours["rows"][cold_label], peer["rows"][cold_label]
-    print(f"{'  cold burst total time (s)':<34}{o['elapsed']:>9.2f}{'':16}  |{p['elapsed']:>9.2f}{'':16}  |"
-          f"{_ratio(o['elapsed'], p['elapsed']):>20}")
+              f"{'':16}{_ratio(o['rate'], p['rate']):>6}{_ratio(o['p50'], p['p50']):>7}{_ratio(o['p99'], p['p99']):>7}")
+    o, p = summaries["ours"][driver.cold_label()], summaries["peer"][driver.cold_label()]
+    print(f"{'  cold burst total time, s':<34}{o['elapsed']:>9.2f}{'':16}  |{p['elapsed']:>9.2f}{'':16}  |"
+          f"{'':16}{_ratio(o['elapsed'], p['elapsed']):>6}")
+    print("(ratio /s > 1: ours answers more lookups per second; ratio p50/p99 < 1: ours answers faster)")
     print()
-    print("diagnostics per row: daemon CPU (share of one core) / client CPU share / DNS queries per lookup / "
+    print("diagnostics (medians): lookups/s of each run | daemon CPU in % of one core (kernel part) | client CPU | "
+          "CPU of everything else on the machine\n  during each run (other jobs) | DNS queries per lookup | "
           "answers checked, wrong")
-    for label, o in ours["rows"].items():
-        p = peer["rows"][label]
-        def diag(r: dict) -> str:
-            wall = r["wall"] or 1
-            return (f"{r['daemon_cpu'] * 100:4.0f}% {r['client_cpu'] / wall * 100:4.0f}% "
-                    f"{r['dns_per_lookup']:5.2f} {r['total']:>7} {r['wrong']:>3}")
-        print(f"  {label:<34} ours {diag(o)}   | peer {diag(p)}")
+    for label in summaries["ours"]:
+        for name in ("ours", "peer"):
+            r = summaries[name][label]
+            rates = "/".join(f"{x:.0f}" for x in r["rates"])
+            extra = ""
+            if r["rig_cpu"] and label == driver.cold_label():
+                extra = "  test servers: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in r["rig_cpu"].items())
+            print(f"  {label if name == 'ours' else '':<34} {name}  {rates:<20} cpu {r['daemon_cpu'] * 100:4.0f}% "
+                  f"({r['daemon_sys'] * 100:3.0f}%)  client {r['client_cpu'] * 100:3.0f}%  "
+                  f"other {'/'.join(f'{x * 100:.0f}' for x in r['others'])}%  "
+                  f"dns/lookup {r['dns_per_lookup']:4.2f}  {r['total']:>8} {r['wrong']:>3}{extra}")
     for name, res in (("ours", ours), ("peer", peer)):
         w = res["warmup"]
         print(f"  warm-up {name}: first pass {w['first']['total']} lookups, {w['dns_first']} DNS queries; "
-              f"second pass {w['second']['total']} lookups, {w['dns_second']} DNS queries "
-              f"({w['second']['rate']:.0f}/s); daemon log lines: {res['log_lines']}")
+              f"second pass {w['second']['total']} lookups, {w['dns_second']} DNS queries; "
+              f"daemon log lines in the whole run: {res['log_lines']}")
     print()
     if driver.warnings:
         print("WARNING -- wrong or missing answers; the figures above are not a valid comparison:")
-        for warning in driver.warnings:
+        for warning in driver.warnings[:40]:
             print("  WARNING", warning)
     else:
-        print(f"correctness: every answer checked (policy domains 'OK secure match=...', others 'NOTFOUND '); "
-              f"sample of {min(20, len(driver.sets['policy']))}+{min(20, len(driver.sets['none']))} "
-              f"exact answers matched for both daemons")
-    if "profile" in ours:
-        prof = ours["profile"]
+        print(f"correctness: every answer of every row checked (enforce-policy domains 'OK secure match=...', others "
+              f"'NOTFOUND '); exact answers for a sample of {min(20, len(driver.sets['policy']))} policy + "
+              f"{min(20, len(driver.sets['none']))} no-policy domains matched for both daemons")
+    for key, title in (("profile", "cached mix, 64 conns; event-loop thread"),
+                       ("profile_policy", "cached 100% policy, 64 conns; event-loop thread"),
+                       ("profile_cold", f"cold burst of {args.cold} fresh policy domains; samples holding the GIL, all threads")):
+        if key not in ours:
+            continue
+        prof = ours[key]
+        if "error" in prof:
+            print(f"\nprofile {key}: {prof['error']}")
+            continue
         summary = prof.get("summary", {})
+        row = prof.get("row", {})
         print()
-        print(f"profile of ours (py-spy, extra mix 64-conn row at {prof.get('row', {}).get('rate', float('nan')):.0f}/s "
-              f"under sampling; event-loop thread, {summary.get('samples', 0)} samples):")
-        for title in ("self", "inclusive"):
-            print(f"  by {title} time:")
-            for fn, share in summary.get(title, []):
+        print(f"profile of ours with py-spy -- extra {title} (not in the table; {row.get('rate', float('nan')):.0f} "
+              f"lookups/s while sampled; {summary.get('samples', 0)} CPU samples"
+              + (", threads: " + ", ".join(f"{n} {c * 100:.0f}%" for n, c in summary.get("threads", []))
+                 if summary.get("threads") else "") + "):")
+        for part in ("self", "inclusive"):
+            print(f"  by {part} time:")
+            for fn, share in summary.get(part, []):
                 print(f"    {share * 100:5.1f}%  {fn}")
     print()
     print(f"reproduce: cd {ROOT} && {command}")
@@ -750,12 +931,21 @@ def inside(args: argparse.Namespace, command: str) -> int:
         peer_python = subprocess.run([str(args.peer_venv / "bin" / "python"), "-c",
                                       "import platform; print(platform.python_version())"],
                                      capture_output=True, text=True).stdout.strip()
-        ours, peer = driver.run()
+        driver.peer_versions = subprocess.run(
+            [str(args.peer_venv / "bin" / "python"), "-c",
+             "import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "
+             "('postfix-mta-sts-resolver', 'aiodns', 'pycares', 'aiohttp')));"
+             "import pycares; print(f'  (bundled c-ares {pycares.ARES_VERSION})')"],
+            capture_output=True, text=True).stdout.replace("\n", "").strip()
+        try:
+            results = driver.run()
+        except Lifetime as exc:
+            print(f"bench/run.py: {exc}", file=sys.stderr)
+            return 124
         signal.alarm(0)
-        report(args, ours, peer, driver, command, peer_python, started)
+        report(args, results, driver, command, peer_python, started)
         if args.json:
-            Path(args.json).write_text(json.dumps({"ours": ours, "peer": peer, "warnings": driver.warnings},
-                                                  indent=1, default=str))
+            Path(args.json).write_text(json.dumps({**results, "warnings": driver.warnings}, indent=1, default=str))
         return 1 if driver.warnings else 0
     finally:
         signal.alarm(0)
@@ -773,13 +963,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy-share", type=float, default=0.10, help="share of them with an enforce policy")
     p.add_argument("--cold", type=int, default=1000, help="never-seen policy domains in the cold burst")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cached row")
+    p.add_argument("--repeat", type=int, default=3, help="runs of every row per daemon; medians are shown")
     p.add_argument("--ramp", type=float, default=0.5, help="unmeasured seconds before each cached row")
     p.add_argument("--burst-timeout", type=float, default=120.0, help="bound on one warm-up pass or burst")
-    p.add_argument("--lifetime", type=int, default=540, help="hard bound on the whole run, seconds")
+    p.add_argument("--lifetime", type=int, default=480, help="hard bound on the whole run, seconds")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_VENV, help="venv holding the peer (created if missing)")
     p.add_argument("--profile", action="store_true",
                    help="also sample our daemon with py-spy during an extra 64-connection row (installs py-spy "
                         "into the peer venv)")
+    p.add_argument("--ours-config", metavar="JSON",
+                   help='extra settings merged into our daemon\'s config, e.g. \'{"workers": 64}\' (default: none)')
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the daemon and the client to two different CPUs during the cached rows")
+    p.add_argument("--python-client", action="store_true", help="use the Python asyncio client, not bench/loadgen.c")
     p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     p.add_argument("--keep-tmp", action="store_true", help="keep logs and configs")
     p.add_argument("--role", choices=["driver", "inner", "dns", "https", "client"], default="driver",

@@ -32,13 +32,18 @@ class EximInstance:
             path.mkdir(parents=True, exist_ok=True)
             shutil.chown(path, "Debian-exim", "Debian-exim")
         os.chmod(directory, 0o755)
+        # Exim re-executes itself as Debian-exim to deliver and then reads the file again: use a
+        # verbatim copy where that user can read it (the checkout may sit in a private directory).
+        self.config = directory / "exim.conf"
+        shutil.copyfile(CONFIG, self.config)
+        os.chmod(self.config, 0o644)
         self.macros = [f"-DMTASTS_EXIM={daemon}", f"-DSPOOL_DIRECTORY={self.spool}",
                        f"-DLOG_FILE_PATH={self.logs}/%slog", f"-DTLS_CA={ca_file}", f"-DEXIM_PATH={EXIM}"]
         if fail_open:
             self.macros.append("-DMTASTS_FAIL_OPEN=yes")
 
     def exim(self, *args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([EXIM, "-C", str(CONFIG), *self.macros, *args], input=input,
+        return subprocess.run([EXIM, "-C", str(self.config), *self.macros, *args], input=input,
                               capture_output=True, timeout=timeout)
 
     def expand(self, text: str) -> str:
