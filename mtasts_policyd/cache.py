@@ -39,11 +39,12 @@ CREATE TABLE IF NOT EXISTS policies (
     retry_after     REAL NOT NULL DEFAULT 0,
     last_lookup     REAL NOT NULL DEFAULT 0,
     mx_hosts        TEXT,
-    mx_expires_at   REAL NOT NULL DEFAULT 0
+    mx_expires_at   REAL NOT NULL DEFAULT 0,
+    version         INTEGER NOT NULL DEFAULT 1
 )
 """
 _COLUMNS = ("domain", "txt_record", "policy_id", "policy_body", "fetched_at", "txt_expires_at", "negative_until",
-            "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup", "mx_hosts", "mx_expires_at")
+            "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup", "mx_hosts", "mx_expires_at", "version")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Entry:
     last_lookup: float = 0.0
     mx_hosts: tuple[str, ...] | None = None  # MX host names, looked up for policies with "*." patterns
     mx_expires_at: float = 0.0
+    version: int = 0  # the stored row's version when read (0: not stored); writes check it
 
     @property
     def expires_at(self) -> float | None:
@@ -82,7 +84,7 @@ def _to_row(e: Entry) -> tuple[object, ...]:
     return (e.domain, e.txt_record, e.policy_id, e.policy_body, e.fetched_at, e.txt_expires_at, e.negative_until,
             e.failure.kind.value if e.failure else None, e.failure.detail if e.failure else None,
             e.failure_at, e.failures, e.retry_after, e.last_lookup,
-            " ".join(e.mx_hosts) if e.mx_hosts is not None else None, e.mx_expires_at)
+            " ".join(e.mx_hosts) if e.mx_hosts is not None else None, e.mx_expires_at, e.version)
 
 
 def _from_row(row: tuple) -> Entry:
@@ -162,32 +164,59 @@ class PolicyCache:
             entry = self._memory.get(domain)
             if entry is not None or self._db is None:
                 return entry
-            try:
-                row = self._db.execute(
-                    f"SELECT {', '.join(_COLUMNS)} FROM policies WHERE domain = ?", (domain,)
-                ).fetchone()
-            except sqlite3.Error as exc:
-                log.warning("cache read domain=%s failed: %s", domain, exc)
-                return None
-            if row is None:
-                return None
-            entry = _from_row(row)
-            self._memory[domain] = entry
-            return entry
+            return self._read(domain)
 
-    def put(self, entry: Entry) -> None:
+    def reload(self, domain: str) -> Entry | None:
+        """The stored entry, bypassing memory: after a write conflict, what the other writer left."""
         with self._lock:
-            self._memory[entry.domain] = entry
-            if self._db is None:
-                return
+            self._memory.pop(domain, None)
+            return self._read(domain) if self._db is not None else None
+
+    def _read(self, domain: str) -> Entry | None:
+        assert self._db is not None
+        try:
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies WHERE domain = ?",
+                                   (domain,)).fetchone()
+        except sqlite3.Error as exc:
+            log.warning("cache read domain=%s failed: %s", domain, exc)
+            return None
+        if row is None:
+            return None
+        entry = _from_row(row)
+        self._memory[domain] = entry
+        return entry
+
+    def put(self, entry: Entry) -> Entry | None:
+        """Store `entry` if the row is still at the version it was read at; None on a conflict.
+
+        Several processes share the file (the daemon, the warmer, `cache` commands): a write
+        based on a stale read must not silently replace what another process stored meanwhile.
+        """
+        stored = replace(entry, version=entry.version + 1)
+        with self._lock:
+            if self._db is not None:
+                try:
+                    if not self._write(stored, entry.version):
+                        return None
+                except sqlite3.Error as exc:
+                    log.error("cache write domain=%s failed: %s; kept in memory only", entry.domain, exc)
+            self._memory[entry.domain] = stored
+            return stored
+
+    def _write(self, stored: Entry, read_version: int) -> bool:
+        assert self._db is not None
+        row = _to_row(stored)
+        if read_version == 0:
             try:
-                self._db.execute(
-                    f"INSERT OR REPLACE INTO policies ({', '.join(_COLUMNS)}) "
-                    f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-                    _to_row(entry),
-                )
-            except sqlite3.Error as exc:
-                log.error("cache write domain=%s failed: %s; kept in memory only", entry.domain, exc)
+                self._db.execute(f"INSERT INTO policies ({', '.join(_COLUMNS)}) "
+                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+            except sqlite3.IntegrityError:
+                return False  # another process stored this domain first
+            return True
+        assignments = ", ".join(f"{column} = ?" for column in _COLUMNS[1:])
+        cursor = self._db.execute(f"UPDATE policies SET {assignments} WHERE domain = ? AND version = ?",
+                                  (*row[1:], stored.domain, read_version))
+        return cursor.rowcount == 1
 
     def touch(self, seen: dict[str, float]) -> None:
         """Record when domains were last looked up (batched: lookups must not each write to disk)."""

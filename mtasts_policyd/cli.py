@@ -9,7 +9,7 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -42,11 +42,42 @@ exim (see contrib/exim/):
 """
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--config, --cache, --log-level: every subcommand shares them, so cron and daemon share a cache."""
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none, embedded defaults)")
     parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (overrides log_level; default info)")
+
+
+def _register_serve(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the policy daemon",
+                           description="Run the daemon. Logs one line per decision to stderr.")
+    add_common_options(serve)
+    serve.add_argument("--socketmap", metavar="ADDR", action="append",
+                       help="socketmap listener HOST:PORT, [IPV6]:PORT or unix:/path; repeatable "
+                            "(overrides socketmap.listen; default 127.0.0.1:8461)")
+    serve.add_argument("--exim", metavar="ADDR", action="append",
+                       help="Exim ${readsocket} listener, same forms; repeatable "
+                            "(overrides exim.listen; default 127.0.0.1:8462)")
+    serve.set_defaults(handler=_serve)
+
+
+def _register_query(sub: Any) -> None:
+    parser = sub.add_parser("query", help="show what the daemon would answer for domains, and why",
+                            description="Resolve each DOMAIN through the cache (and the network when "
+                                        "nothing usable is cached) and print the answer and its reasons. "
+                                        "Exits non-zero only on a usage error.")
+    add_common_options(parser)
+    parser.add_argument("domains", nargs="+", metavar="DOMAIN")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line, per domain")
+    parser.add_argument("--map", default=None, help="socketmap name whose answer to show (default: the first)")
+    parser.set_defaults(handler=query)
+
+
+# Each subcommand module contributes one register(subparsers) function; the parser it adds sets
+# `handler(args, config) -> exit code`.
+COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -54,23 +85,8 @@ def make_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the policy daemon",
-                           description="Run the daemon. Logs one line per decision to stderr.")
-    _common(serve)
-    serve.add_argument("--socketmap", metavar="ADDR", action="append",
-                       help="socketmap listener HOST:PORT, [IPV6]:PORT or unix:/path; repeatable "
-                            "(overrides socketmap.listen; default 127.0.0.1:8461)")
-    serve.add_argument("--exim", metavar="ADDR", action="append",
-                       help="Exim ${readsocket} listener, same forms; repeatable "
-                            "(overrides exim.listen; default 127.0.0.1:8462)")
-    query = sub.add_parser("query", help="show what the daemon would answer for domains, and why",
-                           description="Resolve each DOMAIN through the cache (and the network when "
-                                       "nothing usable is cached) and print the answer and its reasons. "
-                                       "Exits non-zero only on a usage error.")
-    _common(query)
-    query.add_argument("domains", nargs="+", metavar="DOMAIN")
-    query.add_argument("--json", action="store_true", help="one JSON object per line, per domain")
-    query.add_argument("--map", default=None, help="socketmap name whose answer to show (default: the first)")
+    for register in COMMANDS:
+        register(sub)
     return parser
 
 
@@ -101,6 +117,13 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
     result: dict[str, Any] = {"key": key, "answer": answer}
     if decision is None:
         result["reason"] = "not-a-policy-domain"
+        return result
+    if decision.override is not None:
+        o = decision.override
+        result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.cache.value,
+                       "override": {"action": o.action, "reason": o.reason, "expires_at": _time(o.expires_at)}})
+        if decision.policy is not None:
+            result.update({"mode": decision.policy.mode.value, "mx": list(decision.policy.mx)})
         return result
     entry = resolver.cache.get(decision.domain)
     policy = decision.policy
@@ -163,14 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
-        try:
-            asyncio.run(run(config))
-        except OSError as exc:
-            logging.getLogger("mtasts_policyd").error("cannot start: %s", exc)
-            return 1
-        return 0
-    return query(args, config)
+    return int(args.handler(args, config))
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    try:
+        asyncio.run(run(config, reload=lambda: configure(args)))
+    except OSError as exc:
+        logging.getLogger("mtasts_policyd").error("cannot start: %s", exc)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

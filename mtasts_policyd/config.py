@@ -8,6 +8,7 @@ default in force.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 
 from .discovery import DnsSettings
 from .fetch import FetchSettings
+from .overrides import Override, OverrideError, make_override
 from .postfix import MapOptions
 from .resolution import ResolverSettings
 
@@ -60,6 +62,17 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class OverrideConfig:
+    """overrides: {DOMAIN: {...}} - see README "Overrides"."""
+
+    action: str  # ignore | enforce
+    reason: str = ""
+    mx: tuple[str, ...] = ()  # for enforce
+    mode: str = "enforce"  # for enforce: enforce or testing
+    expires: str | None = None  # ISO date or date-time (UTC unless it says otherwise)
+
+
+@dataclass(frozen=True)
 class Config:
     socketmap: SocketmapConfig = SocketmapConfig()
     exim: EximConfig = EximConfig()
@@ -67,6 +80,7 @@ class Config:
     dns: DnsSettings = DnsSettings()
     fetch: FetchSettings = FetchSettings()
     resolver: ResolverSettings = ResolverSettings()
+    overrides: dict[str, OverrideConfig] = field(default_factory=dict)
     workers: int = 32  # threads for DNS/HTTPS work (concurrent resolutions)
     log_level: str = "info"
 
@@ -89,6 +103,8 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
         return {str(k): _convert(args[1], v if v is not None else {}, f"{where}.{k}") for k, v in value.items()}
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is str and isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()  # YAML reads 2026-12-31 as a date
     if kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -120,4 +136,17 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    return build(Config, data)
+    config = build(Config, data)
+    override_table(config)  # validate now: a broken override must stop start-up, not a lookup
+    return config
+
+
+def override_table(config: Config) -> dict[str, Override]:
+    table: dict[str, Override] = {}
+    for domain, item in config.overrides.items():
+        try:
+            override = make_override(domain, item.action, item.mx, item.reason, item.expires, item.mode)
+        except OverrideError as exc:
+            raise ConfigError(str(exc)) from None
+        table[override.domain] = override
+    return table

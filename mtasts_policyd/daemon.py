@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from .cache import PolicyCache, default_cache_path
-from .config import Config
+from .config import Config, ConfigError, override_table
 from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .discovery import Discovery
 from .fetch import PolicyFetcher
@@ -22,7 +23,8 @@ log = logging.getLogger("mtasts_policyd")
 def build_resolver(config: Config) -> PolicyResolver:
     discovery = Discovery(config.dns)
     cache = PolicyCache(config.cache.path or default_cache_path(), config.cache.memory_entries)
-    return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver)
+    return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver,
+                          overrides=override_table(config))
 
 
 def socketmap_settings(config: Config) -> SocketmapSettings:
@@ -31,8 +33,27 @@ def socketmap_settings(config: Config) -> SocketmapSettings:
                              max_connections=c.max_connections)
 
 
-async def run(config: Config) -> None:
-    """Serve until SIGTERM/SIGINT; then stop accepting, finish lookups in flight, and exit."""
+def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: SocketmapFrontEnd,
+                 exim: EximFrontEnd) -> None:
+    """SIGHUP: take what can change without closing a connection; say what needs a restart."""
+    resolver.overrides = override_table(new)
+    resolver.settings = new.resolver
+    front.settings = socketmap_settings(new)
+    exim.settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
+    logging.getLogger().setLevel(new.log_level.upper())
+    fixed = [name for name in ("cache", "dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
+    fixed += [f"{name}.listen" for name in ("socketmap", "exim")
+              if getattr(config, name).listen != getattr(new, name).listen]
+    log.info("reloaded configuration: overrides=%d maps=%s%s", len(resolver.overrides),
+             ",".join(sorted(front.settings.maps)),
+             f"; changes to {', '.join(fixed)} take effect after a restart" if fixed else "")
+
+
+async def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; then stop accepting, finish lookups in flight, and exit.
+
+    SIGHUP re-reads the configuration through `reload` and applies it to the running daemon.
+    """
     resolver = build_resolver(config)
     service = PolicyService(resolver, workers=config.workers)
     front = SocketmapFrontEnd(service, socketmap_settings(config))
@@ -53,6 +74,20 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        nonlocal config
+        if reload is None:
+            return
+        try:
+            new = reload()
+        except (ConfigError, ValueError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        apply_reload(config, new, resolver, front, exim)
+        config = new
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     flusher = asyncio.create_task(service.run_flusher())
     try:
         await stop.wait()

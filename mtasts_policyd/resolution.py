@@ -21,12 +21,14 @@ from .cache import Entry, PolicyCache
 from .discovery import Discovery
 from .errors import DnsTemporaryFailure, Failure, InvalidRecord, MtaStsError, NoRecord
 from .fetch import PolicyFetcher
+from .overrides import Override
 from .policy import Mode, Policy, parse_policy
 
 log = logging.getLogger("mtasts_policyd.resolution")
 
 
 class CacheState(enum.Enum):
+    OVERRIDE = "override"  # the operator's override from the configuration; no cache, no network
     HIT = "hit"  # a usable policy from the cache
     NEGATIVE = "negative"  # "no policy" from the cache (no or invalid TXT record, within its TTL)
     BACKOFF = "backoff"  # nothing usable; a recent failure means we do not ask again yet
@@ -45,6 +47,7 @@ class Decision:
     fetched_at: float | None = None
     expires_at: float | None = None
     mx_hosts: tuple[str, ...] | None = None  # the domain's MX hosts, known when the policy has "*." patterns
+    override: Override | None = None
 
     @property
     def mode(self) -> Mode | None:
@@ -53,6 +56,8 @@ class Decision:
     @property
     def reason(self) -> str:
         """One word-ish reason for logs: the policy mode, or the failure kind."""
+        if self.override is not None:
+            return f"override-{self.override.action}"
         if self.policy is not None:
             return f"policy-{self.policy.mode.value}"
         return self.failure.kind.value if self.failure else "no-policy"
@@ -74,6 +79,19 @@ def _clamp(value: int | None, low: int, high: int) -> int:
     return max(low, min(high, value if value is not None else low))
 
 
+def merge(current: Entry | None, ours: Entry) -> Entry:
+    """Our result, rebased on what another writer stored since we read the entry.
+
+    The newer policy fetch wins whole (a failure or a stale read must never replace a policy that
+    another process fetched later); otherwise ours wins, as the later observation.
+    """
+    if current is None:
+        return replace(ours, version=0)
+    if (current.fetched_at or 0.0) > (ours.fetched_at or 0.0):
+        return replace(current, last_lookup=max(current.last_lookup, ours.last_lookup))
+    return replace(ours, version=current.version)
+
+
 def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
     return Decision(
         domain=entry.domain,
@@ -90,29 +108,40 @@ def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
 class PolicyResolver:
     def __init__(self, cache: PolicyCache, discovery: Discovery, fetcher: PolicyFetcher,
                  settings: ResolverSettings = ResolverSettings(),
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, overrides: dict[str, Override] | None = None) -> None:
         self.cache = cache
         self._discovery = discovery
         self._fetcher = fetcher
-        self._settings = settings
+        self.settings = settings
         self._clock = clock
+        self.overrides = overrides or {}  # replaced as a whole on reload (SIGHUP)
 
     def _refetch_due(self, entry: Entry, now: float) -> bool:
         """RFC 8461 §10.2: fetch again at least daily (and within half of a short max_age)."""
         if entry.fetched_at is None or entry.policy is None:
             return True
-        return now >= entry.fetched_at + min(self._settings.refresh_after, entry.policy.max_age / 2)
+        return now >= entry.fetched_at + min(self.settings.refresh_after, entry.policy.max_age / 2)
 
     def _refresh_due(self, entry: Entry, now: float) -> bool:
         return now >= entry.txt_expires_at or self._refetch_due(entry, now) or (
             entry.policy is not None and entry.policy.has_wildcards and now >= entry.mx_expires_at)
 
+    def _overridden(self, domain: str, now: float) -> Decision | None:
+        override = self.overrides.get(domain)
+        if override is None or not override.active(now):
+            return None
+        return Decision(domain, override.policy, CacheState.OVERRIDE, override=override)
+
     def cached(self, domain: str) -> tuple[Decision | None, bool]:
         """(decision from the cache or None, whether a background refresh is due). No network."""
+        now = self._clock()
+        if self.overrides:
+            decision = self._overridden(domain, now)
+            if decision is not None:
+                return decision, False
         entry = self.cache.get(domain)
         if entry is None:
             return None, False
-        now = self._clock()
         if entry.usable_policy(now) is not None:
             due = now >= entry.retry_after and self._refresh_due(entry, now)
             return decision_from(entry, now, CacheState.HIT), due
@@ -122,22 +151,40 @@ class PolicyResolver:
             return decision_from(entry, now, CacheState.BACKOFF), False
         return None, False
 
-    def resolve(self, domain: str) -> Decision:
-        """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision."""
+    def resolve(self, domain: str, refetch: bool = False) -> Decision:
+        """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision.
+
+        `refetch`: fetch the policy even if its id is unchanged (RFC 8461 §10.2, the warmer), so
+        that max_age restarts from this fetch.
+        """
         now = self._clock()
-        entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now)
-        entry = self._refresh_mx(entry, now)
-        self.cache.put(entry)
+        overridden = self._overridden(domain, now)
+        if overridden is not None:
+            return overridden
+        entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now, refetch)
+        entry = self._commit(self._refresh_mx(entry, now))
         decision = decision_from(entry, now, CacheState.MISS)
         detail = f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else ""
         log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", domain, outcome, decision.reason,
                  entry.policy_id or "-", detail)
         return decision
 
-    def _refresh_policy(self, entry: Entry, now: float) -> tuple[Entry, str]:
+    def _commit(self, entry: Entry) -> Entry:
+        """Store the entry; when another process wrote the domain meanwhile, keep the newer policy."""
+        for _ in range(5):
+            stored = self.cache.put(entry)
+            if stored is not None:
+                return stored
+            current = self.cache.reload(entry.domain)
+            log.info("cache domain=%s changed by another process; merging", entry.domain)
+            entry = merge(current, entry)
+        log.error("cache domain=%s kept changing under us; this result was not stored", entry.domain)
+        return entry
+
+    def _refresh_policy(self, entry: Entry, now: float, refetch: bool = False) -> tuple[Entry, str]:
         """The entry after asking DNS (and HTTPS when needed), and a word on what happened."""
         usable = entry.usable_policy(now)
-        s = self._settings
+        s = self.settings
         try:
             answer = self._discovery.sts_record(entry.domain)
         except (NoRecord, InvalidRecord) as exc:
@@ -151,7 +198,8 @@ class PolicyResolver:
         except DnsTemporaryFailure as exc:
             return self._failed(entry, exc, now, s.dns_backoff_min), "failed"
         txt_expires_at = now + _clamp(answer.ttl, s.txt_ttl_min, s.txt_ttl_max)
-        if usable is not None and answer.record.id == entry.policy_id and not self._refetch_due(entry, now):
+        if usable is not None and answer.record.id == entry.policy_id and not refetch \
+                and not self._refetch_due(entry, now):
             return replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0, retry_after=0.0), "unchanged"
         try:
             body = self._fetcher.fetch(entry.domain)
@@ -160,7 +208,7 @@ class PolicyResolver:
             return self._failed(entry, exc, now, s.backoff_min), "failed"
         fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body,
                       policy=policy, fetched_at=now, txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup,
-                      mx_hosts=entry.mx_hosts)  # mx_expires_at 0: a new policy gets a fresh MX look
+                      mx_hosts=entry.mx_hosts, version=entry.version)  # mx_expires_at 0: look at MX again
         outcome = "fetched" if entry.policy_id in (None, answer.record.id) else f"changed from id={entry.policy_id}"
         return fresh, outcome
 
@@ -174,7 +222,7 @@ class PolicyResolver:
         policy = entry.usable_policy(now)
         if policy is None or not policy.has_wildcards or now < entry.mx_expires_at:
             return entry
-        s = self._settings
+        s = self.settings
         try:
             hosts, ttl = self._discovery.mx_hosts(entry.domain)
         except NoRecord as exc:
@@ -187,7 +235,7 @@ class PolicyResolver:
 
     def _failed(self, entry: Entry, exc: MtaStsError, now: float, base: int) -> Entry:
         failures = entry.failures + 1
-        delay = min(base * 2 ** min(failures - 1, 16), self._settings.backoff_max)
+        delay = min(base * 2 ** min(failures - 1, 16), self.settings.backoff_max)
         usable = entry.usable_policy(now)
         log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s", entry.domain,
                     exc.kind.value, delay, usable.mode.value if usable else "nothing", exc.detail)

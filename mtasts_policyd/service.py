@@ -21,7 +21,8 @@ log = logging.getLogger("mtasts_policyd.service")
 def describe(decision: Decision) -> str:
     """The grep-able part of a decision log line, the same for every front end."""
     failure = f" failure={decision.failure}" if decision.failure and decision.policy is None else ""
-    return f"domain={decision.domain} cache={decision.cache.value} reason={decision.reason}{failure}"
+    override = f" override_reason={decision.override.reason!r}" if decision.override else ""
+    return f"domain={decision.domain} cache={decision.cache.value} reason={decision.reason}{failure}{override}"
 
 
 class PolicyService:

@@ -1,0 +1,51 @@
+"""Several processes on one cache file (daemon, warmer, cache commands): no lost updates."""
+
+from __future__ import annotations
+
+from mtasts_policyd.cache import Entry, PolicyCache
+from mtasts_policyd.errors import FailureKind
+from mtasts_policyd.policy import Mode
+
+TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
+
+
+def test_stale_writer_does_not_overwrite_newer_policy(rig, make_resolver, clock, tmp_path):
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    path = tmp_path / "shared.sqlite3"
+    daemon, warmer = make_resolver(path), make_resolver(path)
+    assert daemon.resolve(domain).policy_id == "1"  # the daemon now holds id 1 in memory
+    clock.advance(61)
+    rig.publish(domain, TESTING, id="2", ttl=60)
+    assert warmer.resolve(domain, refetch=True).policy_id == "2"
+    # The daemon refreshes from its stale copy and fails: its write must not bring back id 1.
+    rig.dns.fault(f"_mta-sts.{domain}", "servfail")
+    try:
+        decision = daemon.resolve(domain)
+    finally:
+        rig.dns.fault(f"_mta-sts.{domain}", None)
+    assert decision.policy_id == "2" and decision.mode is Mode.TESTING
+    stored = PolicyCache(str(path)).get(domain)
+    assert stored.policy_id == "2" and stored.policy.mode is Mode.TESTING
+
+
+def test_later_result_wins_when_nobody_fetched_newer(rig, make_resolver, clock, tmp_path):
+    domain = rig.domain()
+    path = tmp_path / "shared.sqlite3"
+    first, second = make_resolver(path), make_resolver(path)
+    first.resolve(domain)  # no record: negative entry
+    second.resolve(domain)
+    rig.publish(domain)
+    clock.advance(3600)
+    assert first.resolve(domain).mode is Mode.ENFORCE  # first's copy was stale; merged and stored
+    assert PolicyCache(str(path)).get(domain).policy.mode is Mode.ENFORCE
+
+
+def test_conflicting_insert_is_detected(tmp_path):
+    path = str(tmp_path / "c.sqlite3")
+    a, b = PolicyCache(path), PolicyCache(path)
+    assert a.put(Entry("x.test")) is not None
+    assert b.put(Entry("x.test")) is None  # b thought the row did not exist
+    current = b.reload("x.test")
+    assert current.version == 1
+    assert b.put(current) is not None and a.reload("x.test").version == 2
