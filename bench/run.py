@@ -12,13 +12,15 @@ What it does (see bench/README.md for the reasoning):
     over /etc/resolv.conf, so the peer's system resolver (aiodns/c-ares) reaches only the test
     DNS server on 127.0.0.1:53, and its HTTPS client only the test policy server on 127.0.0.1:443
     (trusted through SSL_CERT_FILE = the throwaway test CA);
-  * starts the test DNS server and HTTPS policy server (tests/rig) in two separate processes,
-    then each daemon in turn at its quiet log level, warms it up (every domain looked up once),
-    checks a sample of answers, measures cached lookups at 1/8/64 connections and a cold burst,
-    and stops everything (try/finally, SIGALRM lifetime bound, parent-death signal on children).
+  * starts the test DNS server and HTTPS policy server (tests/rig) in two separate processes and
+    both daemons at their quiet log level; warms each up (every domain looked up once), checks a
+    sample of answers exactly, then measures cached lookups at 1/8/64 connections and cold bursts,
+    every row --repeat times per daemon, alternating which goes first (medians are printed);
+  * stops everything it started (try/finally, SIGALRM lifetime bound, parent-death signal).
 
-Load generator: one asyncio process with raw netstring framing, one outstanding request per
-connection (as Postfix does); its own CPU use is printed per row so a saturated client shows.
+Load generator: bench/loadgen.c (epoll, raw netstrings, one outstanding request per connection,
+as Postfix does), compiled at run time; an asyncio client here is the fallback. Its CPU use is
+printed per row, so a saturated client would show. Every reply is checked.
 """
 
 from __future__ import annotations
@@ -411,7 +413,7 @@ class Driver:
         self.dns: Child | None = None
         self.rig: dict[str, Child] = {}
         self.ca_file = ""
-        self.notes: list[str] = []
+        self.trust_file = ""
         self.warnings: list[str] = []
         self.loadgen: Path | None = None
         self.client_kind = "Python asyncio client (--python-client)"
@@ -454,6 +456,13 @@ class Driver:
                 raise RuntimeError(f"{child.name} server did not start:\n{child.tail()}")
             if child is https:
                 self.ca_file = line[1]
+        self.trust_file = self.ca_file
+        if self.args.trust_store == "full":
+            # A production-sized trust store: certifi's bundle (~150 roots) plus the test CA.
+            import certifi
+            bundle = self.tmp / "trust-bundle.pem"
+            bundle.write_text(Path(certifi.where()).read_text() + "\n" + Path(self.ca_file).read_text())
+            self.trust_file = str(bundle)
 
     def dns_command(self, command: str) -> str:
         assert self.dns is not None and self.dns.proc.stdin and self.dns.proc.stdout
@@ -501,7 +510,7 @@ class Driver:
         import yaml
         config = {
             "dns": {"nameservers": ["127.0.0.1"], "port": 53, "timeout": 2},
-            "fetch": {"ca_file": self.ca_file, "port": 443, "timeout": 5, "connect_timeout": 2},
+            "fetch": {"ca_file": self.trust_file, "port": 443, "timeout": 5, "connect_timeout": 2},
             "cache": {"path": str(self.tmp / "ours-cache.sqlite3")},
             "socketmap": {"listen": [f"127.0.0.1:{OURS_PORT}"]},
         }
@@ -529,7 +538,7 @@ class Driver:
         path.write_text(config)
         argv = [str(self.args.peer_venv / "bin" / "mta-sts-daemon"), "-c", str(path), "-v", "warn"]
         # SSL_CERT_FILE points OpenSSL's default verify paths (what aiohttp uses) at the test CA.
-        child = Child("peer", argv, log=self.tmp / "peer.log", env=clean_env(SSL_CERT_FILE=self.ca_file,
+        child = Child("peer", argv, log=self.tmp / "peer.log", env=clean_env(SSL_CERT_FILE=self.trust_file,
                                                                               PYTHONWARNINGS="ignore"))
         self.children.append(child)
         wait_port(PEER_PORT, child.proc, "mta-sts-daemon")
@@ -822,6 +831,8 @@ def report(args: argparse.Namespace, results: dict, driver: Driver, command: str
     print("logging : ours --log-level warning; peer -v warn (both at their quiet level)")
     print(f"caches  : ours SQLite + in-memory LRU (its defaults); peer cache type internal (in-memory LRU), "
           f"cache_grace {LONG_TTL}s so cached rows never re-check DNS on the request path")
+    print(f"trust   : {'test CA only (' + str(args.trust_store) + ')' if args.trust_store == 'test-ca' else 'certifi bundle + test CA (--trust-store full)'}"
+          f" -- ours fetch.ca_file, peer SSL_CERT_FILE")
     print(f"dns     : test server negative TTL and TXT/A/MX TTL {LONG_TTL}s (nothing expires during the run)")
     print(f"load    : {args.domains} distinct domains ({len(driver.sets['policy'])} enforce-policy, "
           f"{len(driver.sets['none'])} without _mta-sts record = NXDOMAIN); cached rows {args.ramp:g}s ramp + "
@@ -973,6 +984,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "into the peer venv)")
     p.add_argument("--ours-config", metavar="JSON",
                    help='extra settings merged into our daemon\'s config, e.g. \'{"workers": 64}\' (default: none)')
+    p.add_argument("--trust-store", choices=["test-ca", "full"], default="test-ca",
+                   help="CA file both daemons verify policy hosts with: the test CA alone (default), or a "
+                        "production-sized bundle (certifi's roots + the test CA)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the daemon and the client to two different CPUs during the cached rows")
     p.add_argument("--python-client", action="store_true", help="use the Python asyncio client, not bench/loadgen.c")

@@ -1,4 +1,5 @@
-"""DNS: the `_mta-sts` TXT record (RFC 8461 §3.1) and the addresses of hosts we must reach.
+"""DNS: the `_mta-sts` TXT record (RFC 8461 §3.1), the `_smtp._tls` TLSRPT record (RFC 8460 §3)
+and the addresses of hosts we must reach.
 
 The one job here is to turn DNS answers into either data with a TTL or a failure with a kind,
 keeping "the domain says no" (NXDOMAIN/NODATA, cacheable for the negative TTL of RFC 2308)
@@ -16,6 +17,7 @@ import dns.rdatatype
 import dns.resolver
 
 from .errors import DnsTemporaryFailure, MtaStsError, NoRecord
+from .tlsrpt import TlsRptRecord, parse_tlsrpt
 from .txt import StsRecord, join_strings, select_record
 
 
@@ -31,6 +33,12 @@ class DnsSettings:
 @dataclass(frozen=True)
 class StsAnswer:
     record: StsRecord
+    ttl: int
+
+
+@dataclass(frozen=True)
+class TlsRptAnswer:
+    record: TlsRptRecord
     ttl: int
 
 
@@ -102,6 +110,19 @@ class Discovery:
             return StsAnswer(select_record(rrs), ttl)
         except MtaStsError as exc:
             exc.ttl = ttl  # the record set itself is what is cached, for its own TTL
+            raise
+
+    def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
+        """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
+        name = f"_smtp._tls.{domain}."
+        answer = self._query(name, "TXT")
+        # RFC 8460 §3: strings of one RR are concatenated without adding spaces, as in RFC 8461.
+        rrs = [join_strings(rdata.strings) for rdata in answer]
+        ttl = _answer_ttl(answer)
+        try:
+            return TlsRptAnswer(parse_tlsrpt(rrs), ttl)
+        except MtaStsError as exc:
+            exc.ttl = ttl
             raise
 
     def addresses(self, host: str) -> list[str]:
