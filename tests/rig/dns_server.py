@@ -10,7 +10,6 @@ The server is authoritative for every name: anything not configured does not exi
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import struct
@@ -29,6 +28,8 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.rrset
 
+from .bounded import BoundedServer
+
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = frozenset({"servfail", "refused", "timeout"})
@@ -36,12 +37,6 @@ MAX_CNAME_DEPTH = 8
 TCP_IDLE_TIMEOUT = 5.0
 POLL_INTERVAL = 0.2  # how often blocking loops notice stop(); keeps shutdown quick
 CLASSIC_UDP_LIMIT = 512
-
-
-def _require_loopback(host: str) -> None:
-    """Refuse non-loopback addresses so a test can never talk to the outside world."""
-    if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"test servers may only bind loopback addresses, not {host!r}")
 
 
 def _key(name: str | dns.name.Name) -> str:
@@ -76,7 +71,7 @@ class _RRs:
     rdatas: list[dns.rdata.Rdata] = field(default_factory=list)
 
 
-class DnsServer:
+class DnsServer(BoundedServer):
     """Authoritative DNS server on UDP and TCP (same port), bounded by `lifetime` seconds."""
 
     def __init__(
@@ -87,25 +82,20 @@ class DnsServer:
         lifetime: float = 900,
         negative_ttl: int = 60,
     ) -> None:
-        _require_loopback(host)
-        self.host = host
-        self.port = port
-        self.lifetime = lifetime
+        super().__init__(host, port, lifetime)
         self.negative_ttl = negative_ttl
         self.queries: list[tuple[str, str]] = []
         self._data: dict[str, dict[dns.rdatatype.RdataType, _RRs]] = {}
         self._faults: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._stopping = threading.Event()
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
-        self._timer: threading.Timer | None = None
 
     # ----- lifecycle -------------------------------------------------------
 
-    def start(self) -> DnsServer:
+    def _serve(self) -> None:
         """Bind both transports and serve in daemon threads."""
         if self._udp is not None:
             raise RuntimeError("DnsServer already started")
@@ -115,19 +105,8 @@ class DnsServer:
             thread = threading.Thread(target=target, name=f"dns-{name}-{self.port}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        # Watchdog: a forgotten server must not outlive the test session.
-        self._timer = threading.Timer(self.lifetime, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop serving; idempotent and safe to call from any thread."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        if self._timer is not None:
-            self._timer.cancel()
+    def _shutdown(self) -> None:
         for sock in (self._udp, self._tcp):
             if sock is not None:
                 sock.close()
@@ -141,12 +120,6 @@ class DnsServer:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=2)
-
-    def __enter__(self) -> DnsServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _bind_pair(self) -> tuple[socket.socket, socket.socket]:
         """UDP and TCP must share one port (clients retry truncated answers over TCP

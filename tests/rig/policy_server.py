@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import http.server
-import ipaddress
 import itertools
 import logging
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import trustme
+
+from .bounded import BoundedServer
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ def make_ca() -> trustme.CA:
     return trustme.CA(organization_name="mtasts-policyd test CA")
 
 
-def _require_loopback(host: str) -> None:
-    """Refuse non-loopback addresses so a test can never talk to the outside world."""
-    if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"test servers may only bind loopback addresses, not {host!r}")
-
-
 @dataclass(frozen=True)
 class Policy:
     """What to answer for one virtual host; see PolicyServer.set_policy."""
@@ -70,7 +65,7 @@ class Policy:
 NOT_FOUND = Policy(body=b"not found\n", status=404)
 
 
-class PolicyServer:
+class PolicyServer(BoundedServer):
     """HTTPS server for https://mta-sts.<domain>/.well-known/mta-sts.txt, bounded by `lifetime`."""
 
     def __init__(
@@ -81,10 +76,7 @@ class PolicyServer:
         lifetime: float = 900,
         ca: trustme.CA | None = None,
     ) -> None:
-        _require_loopback(host)
-        self.host = host
-        self.port = port
-        self.lifetime = lifetime
+        super().__init__(host, port, lifetime)
         self.ca = ca or make_ca()
         # Same shape as the trusted CA but nobody trusts it: the "untrusted" case.
         self.untrusted_ca = make_ca()
@@ -99,14 +91,12 @@ class PolicyServer:
         self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
         self._lock = threading.Lock()
         self._context_lock = threading.Lock()  # separate: issuing a cert is slow-ish
-        self._stopping = threading.Event()
         self._httpd: _TLSServer | None = None
         self._thread: threading.Thread | None = None
-        self._timer: threading.Timer | None = None
 
     # ----- lifecycle -------------------------------------------------------
 
-    def start(self) -> PolicyServer:
+    def _serve(self) -> None:
         if self._httpd is not None:
             raise RuntimeError("PolicyServer already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -119,30 +109,14 @@ class PolicyServer:
             daemon=True,
         )
         self._thread.start()
-        # Watchdog: a forgotten server must not outlive the test session.
-        self._timer = threading.Timer(self.lifetime, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop serving; idempotent, callable from any thread."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()  # also ends delays and trickles in handler threads
-        if self._timer is not None:
-            self._timer.cancel()
+    def _shutdown(self) -> None:
+        # _stopping is set by now: it also ends delays and trickles in handler threads.
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
-
-    def __enter__(self) -> PolicyServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # ----- configuration ---------------------------------------------------
 

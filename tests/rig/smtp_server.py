@@ -15,7 +15,6 @@ prove an MX was never contacted or that no TLS session was ever established.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import trustme
 
+from .bounded import BoundedServer
 from .policy_server import make_ca
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,6 @@ POLL_INTERVAL = 0.1  # how often the accept loop notices stop()
 
 _MAIL_RE = re.compile(r"^FROM:\s*(<[^>]*>|\S*)(.*)$", re.IGNORECASE | re.DOTALL)
 _RCPT_RE = re.compile(r"^TO:\s*(<[^>]*>|\S+)(.*)$", re.IGNORECASE | re.DOTALL)
-
-
-def _require_loopback(host: str) -> None:
-    """Refuse non-loopback addresses so a test can never talk to the outside world."""
-    if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"test servers may only bind loopback addresses, not {host!r}")
 
 
 def issue_cert(ca: trustme.CA, hostname: str) -> trustme.LeafCert:
@@ -345,7 +339,7 @@ class _Session:
         return False
 
 
-class SmtpServer:
+class SmtpServer(BoundedServer):
     """A receiving MX host on `host:port` that presents a `behaviour`-chosen certificate
     for `hostname`; bounded by `lifetime` seconds."""
 
@@ -360,16 +354,13 @@ class SmtpServer:
         lifetime: float = 900,
         idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
-        _require_loopback(host)
+        super().__init__(host, port, lifetime)
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}; expected one of {sorted(BEHAVIOURS)}")
         if not hostname:
             raise ValueError("hostname is required")
-        self.host = host
-        self.port = port
         self.hostname = hostname
         self.behaviour = behaviour
-        self.lifetime = lifetime
         self.idle_timeout = idle_timeout
         self.ca = ca or make_ca()  # the CA clients are told to trust
         self.untrusted_ca = make_ca()  # signs the "untrusted" certificate; nobody trusts it
@@ -388,10 +379,8 @@ class SmtpServer:
         self._open: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._timer: threading.Timer | None = None
 
     def _issue(self) -> trustme.LeafCert | None:
         if self.behaviour == "no-starttls":
@@ -416,7 +405,7 @@ class SmtpServer:
 
     # ----- lifecycle -------------------------------------------------------
 
-    def start(self) -> SmtpServer:
+    def _serve(self) -> None:
         if self._listener is not None:
             raise RuntimeError("SmtpServer already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -433,19 +422,9 @@ class SmtpServer:
         self.port = listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, name=f"smtp-{self.host}:{self.port}", daemon=True)
         self._thread.start()
-        # Watchdog: a forgotten server must not outlive the test session.
-        self._timer = threading.Timer(self.lifetime, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
-        return self
 
-    def stop(self) -> None:
-        """Stop listening and cut every open session; idempotent, callable from any thread."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
-        if self._timer is not None:
-            self._timer.cancel()
+    def _shutdown(self) -> None:
+        """Stop listening and cut every open session."""
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
         if self._listener is not None:
@@ -460,12 +439,6 @@ class SmtpServer:
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def __enter__(self) -> SmtpServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:
