@@ -118,6 +118,7 @@ class PolicyCache:
 
     def __init__(self, path: str | None, memory_entries: int = 100_000) -> None:
         self.path = path
+        self.memory_entries = memory_entries
         self._memory: cachetools.LRUCache[str, Entry] = cachetools.LRUCache(maxsize=memory_entries)
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None

@@ -6,6 +6,7 @@ MTAs hand us keys in whatever shape their next-hop syntax allows, so everything 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -16,6 +17,8 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 def is_ip_literal(text: str) -> bool:
     """Whether `text` is an IPv4/IPv6 address (RFC 8461 §3.4: address literals have no policy)."""
+    if ":" not in text and not text[-1:].isdigit():
+        return False  # the common case, without ipaddress's exceptions
     candidate = text.removeprefix("ipv6:")
     try:
         ipaddress.ip_address(candidate)
@@ -46,6 +49,7 @@ def to_alabel(name: str) -> str | None:
     return name
 
 
+@functools.lru_cache(maxsize=65536)  # MTAs ask for the same few destinations over and over
 def clean_key(key: str) -> str | None:
     """The policy domain for an MTA lookup key, or None when the key can have no policy.
 

@@ -115,6 +115,9 @@ class PolicyResolver:
         self.settings = settings
         self._clock = clock
         self.overrides = overrides or {}  # replaced as a whole on reload (SIGHUP)
+        # The decision last built from each cached entry: a hit returns the same object until the
+        # entry is replaced (the lookup path runs on one thread: no lock).
+        self._decisions: dict[str, tuple[Entry, CacheState, Decision]] = {}
 
     def _refetch_due(self, entry: Entry, now: float) -> bool:
         """RFC 8461 §10.2: fetch again at least daily (and within half of a short max_age)."""
@@ -144,12 +147,23 @@ class PolicyResolver:
             return None, False
         if entry.usable_policy(now) is not None:
             due = now >= entry.retry_after and self._refresh_due(entry, now)
-            return decision_from(entry, now, CacheState.HIT), due
+            return self._decision(entry, now, CacheState.HIT), due
         if now < entry.negative_until:
-            return decision_from(entry, now, CacheState.NEGATIVE), False
+            return self._decision(entry, now, CacheState.NEGATIVE), False
         if now < entry.retry_after:
-            return decision_from(entry, now, CacheState.BACKOFF), False
+            return self._decision(entry, now, CacheState.BACKOFF), False
         return None, False
+
+    def _decision(self, entry: Entry, now: float, state: CacheState) -> Decision:
+        """decision_from, built once per entry and state (valid while the entry is unchanged)."""
+        memo = self._decisions.get(entry.domain)
+        if memo is not None and memo[0] is entry and memo[1] is state:
+            return memo[2]
+        if len(self._decisions) > 2 * self.cache.memory_entries:
+            self._decisions.clear()
+        decision = decision_from(entry, now, state)
+        self._decisions[entry.domain] = (entry, state, decision)
+        return decision
 
     def resolve(self, domain: str, refetch: bool = False) -> Decision:
         """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision.

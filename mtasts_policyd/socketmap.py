@@ -44,10 +44,25 @@ class SocketmapFrontEnd:
         self.service = service
         self.settings = settings
         self.connections = 0
+        # Reply text per (map options, decision object): cached decisions are reused objects, so
+        # a hit formats nothing. The decision is kept in the value so its id cannot be reused.
+        self._replies: dict[tuple[int, int], tuple[MapOptions, Decision, str]] = {}
+
+    def _policy_reply(self, options: MapOptions, decision: Decision) -> str:
+        key = (id(options), id(decision))
+        memo = self._replies.get(key)
+        if memo is not None and memo[0] is options and memo[1] is decision:
+            return memo[2]
+        if len(self._replies) > 100_000:
+            self._replies.clear()
+        policy = tls_policy(decision, options)
+        reply = f"OK {policy}" if policy else "NOTFOUND "
+        self._replies[key] = (options, decision, reply)
+        return reply
 
     def _reply(self, name: str, key: str, options: MapOptions, decision: Decision | None) -> str:
-        policy = tls_policy(decision, options) if decision is not None else None
-        reply = f"OK {policy}" if policy else "NOTFOUND "
+        reply = self._policy_reply(options, decision) if decision is not None else "NOTFOUND "
+        policy = reply != "NOTFOUND "
         if log.isEnabledFor(logging.INFO):
             if decision is None:
                 log.info("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
