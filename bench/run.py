@@ -221,18 +221,14 @@ def role_dns(args: argparse.Namespace) -> None:
 
 def role_https(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
-    from tests.rig import PolicyServer, policy_server
-
-    # socketserver's listen backlog is 5: a burst of 64 concurrent connects overflows it and the
-    # dropped SYNs are retried after 1 s, which would measure the rig, not the daemons.
-    policy_server._TLSServer.request_queue_size = 1024
+    from tests.rig import PolicyServer
     sets = domain_sets(args.domains, args.policy_share, args.cold, args.repeat, args.profile)
     server = PolicyServer("127.0.0.1", 443, lifetime=args.lifetime)
     for domain in published(sets):
         server.set_policy(domain, ENFORCE.format(d=domain))
         # Issue every certificate now: issuing one costs ~1.5 ms and would otherwise be paid,
         # under a lock, inside the cold burst of whichever daemon came first.
-        server._context_for(f"mta-sts.{domain}", "valid")
+        server.prepare_certificate(domain)
     server.start()
     print("READY", server.ca_file, flush=True)
     try:

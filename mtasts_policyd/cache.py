@@ -142,6 +142,10 @@ class PolicyCache:
             self._db = None
 
     @property
+    def memory_size(self) -> int:
+        return len(self._memory)
+
+    @property
     def persistent(self) -> bool:
         return self._db is not None
 
@@ -214,7 +218,9 @@ class PolicyCache:
             except sqlite3.IntegrityError:
                 return False  # another process stored this domain first
             return True
-        assignments = ", ".join(f"{column} = ?" for column in _COLUMNS[1:])
+        # last_lookup is batched in by touch() without a version bump: never move it backwards.
+        assignments = ", ".join("last_lookup = MAX(last_lookup, ?)" if column == "last_lookup" else f"{column} = ?"
+                                for column in _COLUMNS[1:])
         cursor = self._db.execute(f"UPDATE policies SET {assignments} WHERE domain = ? AND version = ?",
                                   (*row[1:], stored.domain, read_version))
         return cursor.rowcount == 1

@@ -8,11 +8,12 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, cachetool, survey, warm
 from .config import Config, ConfigError, load
 from .daemon import build_resolver, run
 from .listeners import parse_address
@@ -50,6 +51,17 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="log verbosity (overrides log_level; default info)")
 
 
+def concurrency(text: str) -> int:
+    """argparse type for --concurrency: a whole number from 1 to 256."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 256: {text!r}")
+    return value
+
+
 def _register_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the policy daemon",
                            description="Run the daemon. Logs one line per decision to stderr.")
@@ -60,6 +72,9 @@ def _register_serve(sub: Any) -> None:
     serve.add_argument("--exim", metavar="ADDR", action="append",
                        help="Exim ${readsocket} listener, same forms; repeatable "
                             "(overrides exim.listen; default 127.0.0.1:8462)")
+    serve.add_argument("--metrics", metavar="ADDR",
+                       help="serve Prometheus /metrics and /health over HTTP on ADDR; a bare PORT means "
+                            "127.0.0.1:PORT (overrides metrics.listen; default: no metrics listener)")
     serve.set_defaults(handler=_serve)
 
 
@@ -77,7 +92,7 @@ def _register_query(sub: Any) -> None:
 
 # Each subcommand module contributes one register(subparsers) function; the parser it adds sets
 # `handler(args, config) -> exit code`.
-COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query]
+COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cachetool.register, warm.register]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -101,6 +116,8 @@ def configure(args: argparse.Namespace) -> Config:
                 parse_address(text)
             replaced = dataclasses.replace(getattr(config, section), listen=tuple(listen))
             config = dataclasses.replace(config, **{section: replaced})
+    if getattr(args, "metrics", None):
+        config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, listen=args.metrics))
     if args.log_level:
         config = dataclasses.replace(config, log_level=args.log_level)
     return config
@@ -184,9 +201,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = configure(args)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     return int(args.handler(args, config))
+
+
+class JournalFormatter(logging.Formatter):
+    """stderr is the journal (systemd): it stamps the time itself, and a "<N>" prefix sets the priority."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the stream it connected to the journal."""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:

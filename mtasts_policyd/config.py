@@ -18,6 +18,7 @@ import yaml
 
 from .discovery import DnsSettings
 from .fetch import FetchSettings
+from .metrics import parse_metrics_address
 from .overrides import Override, OverrideError, make_override
 from .postfix import MapOptions
 from .resolution import ResolverSettings
@@ -62,6 +63,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # None: no metrics listener; "127.0.0.1:9461", a bare port means loopback
+
+    def __post_init__(self) -> None:
+        if self.listen is not None:
+            try:
+                parse_metrics_address(self.listen)
+            except ValueError as exc:
+                raise ConfigError(f"metrics.listen: {exc}") from None
+
+
+@dataclass(frozen=True)
 class OverrideConfig:
     """overrides: {DOMAIN: {...}} - see README "Overrides"."""
 
@@ -81,6 +94,7 @@ class Config:
     fetch: FetchSettings = FetchSettings()
     resolver: ResolverSettings = ResolverSettings()
     overrides: dict[str, OverrideConfig] = field(default_factory=dict)
+    metrics: MetricsConfig = MetricsConfig()
     workers: int = 32  # threads for DNS/HTTPS work (concurrent resolutions)
     log_level: str = "info"
 

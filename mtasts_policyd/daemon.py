@@ -13,6 +13,7 @@ from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .discovery import Discovery
 from .fetch import PolicyFetcher
 from .listeners import SocketPermissions, open_listener, parse_address
+from .metrics import MetricsServer, parse_metrics_address
 from .resolution import PolicyResolver
 from .service import PolicyService
 from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
@@ -42,7 +43,7 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: S
     exim.settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
     logging.getLogger().setLevel(new.log_level.upper())
     fixed = [name for name in ("cache", "dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
-    fixed += [f"{name}.listen" for name in ("socketmap", "exim")
+    fixed += [f"{name}.listen" for name in ("socketmap", "exim", "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]
     log.info("reloaded configuration: overrides=%d maps=%s%s", len(resolver.overrides),
              ",".join(sorted(front.settings.maps)),
@@ -68,6 +69,12 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             address = parse_address(text)
             servers.append(await open_listener(factory, address, SocketPermissions(owner, int(mode, 8))))
             log.info("listening %s=%s", kind, address)
+    metrics = MetricsServer(resolver.cache, connections=lambda: front.connections)
+    metrics_listener = None
+    if config.metrics.listen:  # opt-in: no HTTP listener unless configured
+        address = parse_metrics_address(config.metrics.listen)
+        metrics_listener = await open_listener(metrics.protocol, address)
+        log.info("listening metrics=%s", address)
     log.info("socketmap names: %s", ", ".join(sorted(front.settings.maps)))
     log.info("cache path=%s persistent=%s", resolver.cache.path, resolver.cache.persistent)
     stop = asyncio.Event()
@@ -92,10 +99,13 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     try:
         await stop.wait()
         log.info("stopping: draining lookups in flight")
+        metrics.stopping = True  # /health says 503 while the lookups in flight finish
         for server in servers:
             server.close()
         await service.drain()
     finally:
+        if metrics_listener is not None:
+            metrics_listener.close()
         flusher.cancel()
         service.close()
         resolver.cache.close()

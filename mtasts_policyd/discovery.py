@@ -8,7 +8,9 @@ apart from "we could not ask" (timeout, SERVFAIL), which must never be cached as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.exception
 import dns.message
@@ -19,6 +21,9 @@ import dns.resolver
 from .errors import DnsTemporaryFailure, MtaStsError, NoRecord
 from .tlsrpt import TlsRptRecord, parse_tlsrpt
 from .txt import StsRecord, join_strings, select_record
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,31 +104,25 @@ class Discovery:
         except dns.exception.DNSException as exc:
             raise DnsTemporaryFailure(f"{name} {rdtype}: {_short(exc)}") from None
 
-    def sts_record(self, domain: str) -> StsAnswer:
-        """RFC 8461 §3.1: the policy record of `domain`; CNAMEs are followed by the resolver."""
-        name = f"_mta-sts.{domain}."
+    def _parsed_txt(self, name: str, parse: Callable[[list[bytes]], T]) -> tuple[T, int]:
+        """TXT at `name`, parsed; a parse failure carries the RRset's TTL (that is what is cached)."""
         answer = self._query(name, "TXT")
-        # RFC 8461 §3.1: strings of one RR are joined with nothing between them.
+        # RFC 8461 §3.1, RFC 8460 §3: strings of one RR are joined with nothing between them.
         rrs = [join_strings(rdata.strings) for rdata in answer]
         ttl = _answer_ttl(answer)
         try:
-            return StsAnswer(select_record(rrs), ttl)
-        except MtaStsError as exc:
-            exc.ttl = ttl  # the record set itself is what is cached, for its own TTL
-            raise
-
-    def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
-        """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
-        name = f"_smtp._tls.{domain}."
-        answer = self._query(name, "TXT")
-        # RFC 8460 §3: strings of one RR are concatenated without adding spaces, as in RFC 8461.
-        rrs = [join_strings(rdata.strings) for rdata in answer]
-        ttl = _answer_ttl(answer)
-        try:
-            return TlsRptAnswer(parse_tlsrpt(rrs), ttl)
+            return parse(rrs), ttl
         except MtaStsError as exc:
             exc.ttl = ttl
             raise
+
+    def sts_record(self, domain: str) -> StsAnswer:
+        """RFC 8461 §3.1: the policy record of `domain`; CNAMEs are followed by the resolver."""
+        return StsAnswer(*self._parsed_txt(f"_mta-sts.{domain}.", select_record))
+
+    def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
+        """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
+        return TlsRptAnswer(*self._parsed_txt(f"_smtp._tls.{domain}.", parse_tlsrpt))
 
     def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of `host`; NoRecord if it has neither."""

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
+from .metrics import REGISTRY
 from .names import clean_key
 from .policy import Mode
 from .resolution import Decision
@@ -50,30 +52,35 @@ class EximFrontEnd:
     def __init__(self, service: PolicyService, settings: EximSettings = EximSettings()) -> None:
         self.service = service
         self.settings = settings
+        self.metrics = REGISTRY.frontends["exim"]
 
     async def answer(self, request: bytes) -> str:
+        started = time.perf_counter()
         try:
             words = request.decode("utf-8").split()
         except UnicodeDecodeError:
-            return self._error("request is not UTF-8 text")
+            return self._error("request is not UTF-8 text", started)
         if not words:
-            return self._error("empty request")
+            return self._error("empty request", started)
         verb = words[0].lower() if words[0].lower() in ("policy", "mx") else "policy"
         args = words[1:] if words[0].lower() == verb else words
         expected = 2 if verb == "mx" else 1
         if len(args) != expected:
-            return self._error(f"usage: {'mx DOMAIN HOST' if verb == 'mx' else '[policy] DOMAIN'}")
+            return self._error(f"usage: {'mx DOMAIN HOST' if verb == 'mx' else '[policy] DOMAIN'}", started)
         domain = clean_key(args[0])
         decision = await self.service.lookup(domain) if domain is not None else None
         reply = mx_reply(decision, args[1]) if verb == "mx" else policy_reply(decision)
+        answer = reply.split(" ", 1)[0]
+        self.metrics.answered(answer, decision, time.perf_counter() - started)
         if log.isEnabledFor(logging.INFO):
             target = f" host={args[1]}" if verb == "mx" else ""
             what = describe(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"
-            log.info("exim verb=%s answer=%s %s%s", verb, reply.split(" ", 1)[0], what, target)
+            log.info("exim verb=%s answer=%s %s%s", verb, answer, what, target)
         return reply
 
-    def _error(self, reason: str) -> str:
+    def _error(self, reason: str, started: float) -> str:
         log.warning("exim answer=error reason=%r", reason)
+        self.metrics.answered("error", None, time.perf_counter() - started)
         return f"error {reason}"
 
 
@@ -99,6 +106,7 @@ class EximProtocol(asyncio.Protocol):
     def _timed_out(self) -> None:
         if not self.answered:
             log.warning("exim answer=error reason='no complete request within %ss'", self.front.settings.read_timeout)
+            self.front.metrics.protocol_errors += 1
             self._finish("error timeout waiting for the request line")
 
     def data_received(self, data: bytes) -> None:
@@ -110,6 +118,7 @@ class EximProtocol(asyncio.Protocol):
             self._start(bytes(self.buffer[:newline]))
         elif len(self.buffer) > self.front.settings.max_request:
             log.warning("exim answer=error reason='request longer than %d bytes'", self.front.settings.max_request)
+            self.front.metrics.protocol_errors += 1
             self._finish(f"error request longer than {self.front.settings.max_request} bytes")
 
     def eof_received(self) -> bool:
@@ -120,6 +129,7 @@ class EximProtocol(asyncio.Protocol):
     def _start(self, request: bytes) -> None:
         self.answered = True
         if len(request) > self.front.settings.max_request:
+            self.front.metrics.protocol_errors += 1
             self._finish(f"error request longer than {self.front.settings.max_request} bytes")
             return
         self.task = asyncio.get_running_loop().create_task(self._answer(request.rstrip(b"\r")))
@@ -129,6 +139,7 @@ class EximProtocol(asyncio.Protocol):
             reply = await self.front.answer(request)
         except Exception as exc:  # never a silent downgrade: Exim sees an error, not "none"
             log.error("exim answer=error reason=internal-error error=%r", exc)
+            self.front.metrics.answered("error", None)
             reply = "error internal error in mtasts-policyd; see its log"
         self._finish(reply)
 

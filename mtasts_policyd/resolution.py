@@ -21,6 +21,7 @@ from .cache import Entry, PolicyCache
 from .discovery import Discovery
 from .errors import DnsTemporaryFailure, Failure, InvalidRecord, MtaStsError, NoRecord
 from .fetch import PolicyFetcher
+from .metrics import REGISTRY
 from .overrides import Override
 from .policy import Mode, Policy, parse_policy
 
@@ -178,6 +179,7 @@ class PolicyResolver:
         entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now, refetch)
         entry = self._commit(self._refresh_mx(entry, now))
         decision = decision_from(entry, now, CacheState.MISS)
+        REGISTRY.refreshed(outcome)
         detail = f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else ""
         log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", domain, outcome, decision.reason,
                  entry.policy_id or "-", detail)
@@ -219,7 +221,9 @@ class PolicyResolver:
             body = self._fetcher.fetch(entry.domain)
             policy = parse_policy(body)
         except MtaStsError as exc:
+            REGISTRY.fetched(exc.kind.value)
             return self._failed(entry, exc, now, s.backoff_min), "failed"
+        REGISTRY.fetched("ok")
         fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body,
                       policy=policy, fetched_at=now, txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup,
                       mx_hosts=entry.mx_hosts, version=entry.version)  # mx_expires_at 0: look at MX again
@@ -251,6 +255,7 @@ class PolicyResolver:
         failures = entry.failures + 1
         delay = min(base * 2 ** min(failures - 1, 16), self.settings.backoff_max)
         usable = entry.usable_policy(now)
+        REGISTRY.refresh_failed(exc.kind.value)
         log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s", entry.domain,
                     exc.kind.value, delay, usable.mode.value if usable else "nothing", exc.detail)
         return replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)

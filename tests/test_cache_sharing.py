@@ -49,3 +49,15 @@ def test_conflicting_insert_is_detected(tmp_path):
     current = b.reload("x.test")
     assert current.version == 1
     assert b.put(current) is not None and a.reload("x.test").version == 2
+
+
+def test_batched_lookup_time_is_never_moved_back(tmp_path):
+    # The daemon records lookup times in batches without a version bump; a writer that read the
+    # row before that must not put an older lookup time back (the warmer selects by it).
+    path = str(tmp_path / "c.sqlite3")
+    warmer, daemon = PolicyCache(path), PolicyCache(path)
+    warmer.put(Entry("x.test", last_lookup=100.0))
+    read = warmer.reload("x.test")
+    daemon.touch({"x.test": 200.0})
+    assert warmer.put(read) is not None
+    assert PolicyCache(path).get("x.test").last_lookup == 200.0

@@ -283,8 +283,10 @@ class DnsServer(BoundedServer):
 
     def _exists(self, key: str) -> bool:
         """A name exists if it owns records or is an empty non-terminal above one that does."""
+        if key in self._data:
+            return True
         suffix = "." + key
-        return key in self._data or any(other.endswith(suffix) for other in self._data)
+        return any(other.endswith(suffix) for other in self._data)
 
     def _rrset(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, rrs: _RRs) -> dns.rrset.RRset:
         return dns.rrset.from_rdata_list(name, rrs.ttl, rrs.rdatas)

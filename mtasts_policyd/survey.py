@@ -1,0 +1,523 @@
+"""`mtasts-policyd survey FILE`: what a list of domains publishes for MTA-STS and TLSRPT, as a table.
+
+Why it exists: deploying MTA-STS goes wrong in a few recurring ways (an id with a hyphen, a
+policy host without a valid certificate, a mode spelled `enforced`, and most often mx patterns
+that do not cover the real MX hosts). Operators want to see that for their own domains, or for
+the domains they send most mail to, before relying on `enforce`.
+
+A survey is read-only by default: it asks DNS and HTTPS directly (Discovery, PolicyFetcher) and
+never opens the daemon's cache, so it can run anywhere, next to a live daemon or not. With
+`--update-cache` each domain goes through `PolicyResolver.resolve()` instead, which is the
+daemon's own algorithm, so the rows show what the daemon now holds and the cache is warmed.
+
+Every stage's failure is an errors.Failure (a FailureKind and a detail), so the survey speaks the
+same vocabulary as logs and `query`, and the summary counts kinds, not free text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from typing import IO, Any, TypeVar
+
+from .config import Config
+from .daemon import build_resolver
+from .discovery import Discovery
+from .errors import Failure, FailureKind, MtaStsError, NoRecord
+from .fetch import PolicyFetcher
+from .names import is_ip_literal, to_alabel
+from .policy import Mode, Policy, parse_policy
+from .resolution import PolicyResolver
+from .tlsrpt import TlsRptRecord
+
+FORMATS = ("markdown", "csv", "json")
+DEFAULT_CONCURRENCY = 16
+# Failures that come from the `_mta-sts` TXT lookup (RFC 8461 §3.1); the others from the fetch.
+TXT_KINDS = frozenset({FailureKind.NO_RECORD, FailureKind.INVALID_RECORD, FailureKind.DNS_TEMPORARY})
+# Where a domain's survey can end up: a policy mode, or the failure that left it without one.
+OUTCOMES = tuple(mode.value for mode in Mode) + tuple(kind.value for kind in FailureKind)
+TLSRPT_STATES = ("valid", FailureKind.NO_RECORD.value, FailureKind.INVALID_RECORD.value,
+                 FailureKind.DNS_TEMPORARY.value)
+
+
+@dataclass(frozen=True)
+class SurveyRow:
+    """Everything the survey learnt about one domain; None means "not known / not asked"."""
+
+    domain: str
+    txt_record: str | None = None  # the valid STSv1 record as published (unknown if only cached)
+    policy_id: str | None = None
+    txt_failure: Failure | None = None  # no-record, invalid-record, dns-temporary
+    policy: Policy | None = None  # with --update-cache: the policy the daemon now uses
+    policy_failure: Failure | None = None  # fetch-error, certificate-invalid, invalid-policy
+    mx_hosts: tuple[str, ...] | None = None  # looked up only for enforce/testing policies
+    mx_unmatched: tuple[str, ...] = ()  # MX hosts no mx pattern matches (RFC 8461 §4.1)
+    mx_failure: Failure | None = None
+    tlsrpt: TlsRptRecord | None = None
+    tlsrpt_failure: Failure | None = None  # no-record, invalid-record, dns-temporary
+
+    @property
+    def outcome(self) -> str:
+        """The policy mode, else the failure that left the domain without a usable policy."""
+        if self.policy is not None:
+            return self.policy.mode.value
+        failure = self.txt_failure or self.policy_failure
+        return failure.kind.value if failure else "no-policy"
+
+    @property
+    def txt_status(self) -> str:
+        return self.txt_failure.kind.value if self.txt_failure else "valid"
+
+    @property
+    def policy_status(self) -> str:
+        """"ok", a fetch failure kind, or "" when no fetch was made (no valid TXT record)."""
+        if self.policy_failure is not None:
+            return self.policy_failure.kind.value
+        return "ok" if self.policy is not None else ""
+
+    @property
+    def mx_match(self) -> bool | None:
+        """Whether every MX host matches the policy; None when not checked or no MX host is known."""
+        if not self.mx_hosts:
+            return None
+        return not self.mx_unmatched
+
+    @property
+    def tlsrpt_status(self) -> str:
+        return self.tlsrpt_failure.kind.value if self.tlsrpt_failure else "valid"
+
+
+@dataclass(frozen=True)
+class SurveySummary:
+    """Counts over all rows; every outcome is listed, zeros included, so the shape never varies."""
+
+    total: int
+    outcomes: dict[str, int]  # OUTCOMES -> domains; sums to total
+    mx_mismatch: int  # domains with at least one MX host outside their enforce/testing policy
+    tlsrpt: dict[str, int]  # TLSRPT_STATES -> domains; sums to total
+
+    @classmethod
+    def of(cls, rows: Sequence[SurveyRow]) -> SurveySummary:
+        outcomes = dict.fromkeys(OUTCOMES, 0)
+        tlsrpt = dict.fromkeys(TLSRPT_STATES, 0)
+        for row in rows:
+            outcomes[row.outcome] = outcomes.get(row.outcome, 0) + 1
+            tlsrpt[row.tlsrpt_status] += 1
+        return cls(len(rows), outcomes, sum(row.mx_match is False for row in rows), tlsrpt)
+
+
+# ----- surveying one domain -------------------------------------------------------------------
+
+
+class Surveyor:
+    """Surveys one domain per call; thread-safe (Discovery, PolicyFetcher and the resolver are)."""
+
+    def __init__(self, discovery: Discovery, fetcher: PolicyFetcher | None = None,
+                 resolver: PolicyResolver | None = None) -> None:
+        if (fetcher is None) == (resolver is None):
+            raise ValueError("give a fetcher (read-only survey) or a resolver (--update-cache), not both")
+        self._discovery = discovery
+        self._fetcher = fetcher
+        self._resolver = resolver
+
+    def survey(self, domain: str) -> SurveyRow:
+        row = self._via_resolver(domain) if self._resolver is not None else self._direct(domain)
+        return self._with_tlsrpt(self._with_mx_check(row))
+
+    def _direct(self, domain: str) -> SurveyRow:
+        """RFC 8461 §3.1 then §3.3, as a sender would do them: no valid TXT record, no fetch."""
+        assert self._fetcher is not None
+        try:
+            answer = self._discovery.sts_record(domain)
+        except MtaStsError as exc:
+            return SurveyRow(domain, txt_failure=exc.failure)
+        row = SurveyRow(domain, txt_record=answer.record.text, policy_id=answer.record.id)
+        try:
+            policy = parse_policy(self._fetcher.fetch(domain))
+        except MtaStsError as exc:
+            return replace(row, policy_failure=exc.failure)
+        return replace(row, policy=policy)
+
+    def _via_resolver(self, domain: str) -> SurveyRow:
+        """The daemon's view after asking now: a kept policy shows with the failure that kept it."""
+        assert self._resolver is not None
+        decision = self._resolver.resolve(domain)
+        failure = decision.failure
+        txt_failure = failure if failure is not None and failure.kind in TXT_KINDS else None
+        policy_failure = failure if failure is not None and failure.kind not in TXT_KINDS else None
+        # The cached TXT text belongs to the cached policy; only without a failure is it current.
+        entry = self._resolver.cache.get(domain) if failure is None else None
+        return SurveyRow(domain, txt_record=entry.txt_record if entry else None,
+                         policy_id=decision.policy_id if failure is None else None,
+                         txt_failure=txt_failure, policy=decision.policy, policy_failure=policy_failure)
+
+    def _with_mx_check(self, row: SurveyRow) -> SurveyRow:
+        """RFC 8461 §4.1: a sender only delivers to MX hosts that match a pattern. A host outside
+        the patterns is the most common deployment mistake; it breaks delivery under enforce."""
+        if row.policy is None or row.policy.mode is Mode.NONE:
+            return row
+        try:
+            hosts, _ = self._discovery.mx_hosts(row.domain)
+        except NoRecord:
+            hosts = [row.domain]  # RFC 5321 §5.1: no MX record means the domain itself
+        except MtaStsError as exc:
+            return replace(row, mx_failure=exc.failure)
+        hosts = [host for host in hosts if host != "."]  # RFC 7505 null MX: "no mail here"
+        unmatched = tuple(host for host in hosts if not row.policy.matches(host))
+        return replace(row, mx_hosts=tuple(hosts), mx_unmatched=unmatched)
+
+    def _with_tlsrpt(self, row: SurveyRow) -> SurveyRow:
+        """RFC 8460 §3: asked for every domain; reports are useful with or without MTA-STS."""
+        try:
+            return replace(row, tlsrpt=self._discovery.tlsrpt_record(row.domain).record)
+        except MtaStsError as exc:
+            return replace(row, tlsrpt_failure=exc.failure)
+
+
+# ----- running many ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def run_bounded(work: Callable[[T], R], items: Sequence[T], concurrency: int,
+                on_done: Callable[[], None] | None = None) -> list[R]:
+    """`work` over `items` with at most `concurrency` running at once; results in item order.
+
+    A bounded pool keeps a long list from opening thousands of DNS and TLS connections at once
+    (the remote servers and our file descriptors both have limits).
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="survey")
+    try:
+        futures: list[Future[R]] = [pool.submit(work, item) for item in items]
+        for _ in as_completed(futures):
+            if on_done is not None:
+                on_done()
+        results = [future.result() for future in futures]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C must not wait for the whole list
+        raise
+    pool.shutdown()
+    return results
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place. Only for a terminal: in a pipe or a log file the
+    carriage returns would be noise, so `for_stream` gives None there."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, stream: IO[str]) -> None:
+        self.total = total
+        self.done = 0
+        self._stream = stream
+        self._draw()
+
+    @classmethod
+    def for_stream(cls, total: int, stream: IO[str]) -> ProgressBar | None:
+        isatty = getattr(stream, "isatty", None)
+        return cls(total, stream) if total and isatty is not None and isatty() else None
+
+    def advance(self) -> None:
+        self.done += 1
+        self._draw()
+
+    def _draw(self) -> None:
+        filled = self.WIDTH * self.done // self.total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self._stream.write(f"\rsurvey [{bar}] {self.done}/{self.total}")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.write("\n")
+        self._stream.flush()
+
+
+# ----- input ----------------------------------------------------------------------------------
+
+
+def read_domains(lines: Iterable[str]) -> list[str]:
+    """Domains from FILE: one per line, "#" starts a comment, blanks ignored, duplicates dropped.
+
+    Names are folded like MTA keys (case, trailing dot, IDN to A-label: names.to_alabel), because
+    that is the name a sender looks up. Anything that is not a host name is a usage error naming
+    its line: a survey that silently skips lines would undercount.
+    """
+    domains: list[str] = []
+    seen: set[str] = set()
+    bad: list[str] = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        domain = None if is_ip_literal(text) else to_alabel(text)
+        if domain is None:
+            bad.append(f"line {number}: {text[:80]!r}")
+        elif domain not in seen:
+            seen.add(domain)
+            domains.append(domain)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"not domain names: {'; '.join(bad[:5])}{more}")
+    return domains
+
+
+# ----- output ---------------------------------------------------------------------------------
+
+
+def _failure_json(failure: Failure | None) -> dict[str, str] | None:
+    return None if failure is None else {"kind": failure.kind.value, "detail": failure.detail}
+
+
+def row_json(row: SurveyRow) -> dict[str, Any]:
+    policy = row.policy
+    return {
+        "domain": row.domain,
+        "outcome": row.outcome,
+        "txt": row.txt_status,
+        "txt_record": row.txt_record,
+        "policy_id": row.policy_id,
+        "txt_failure": _failure_json(row.txt_failure),
+        "policy": row.policy_status or None,
+        "policy_failure": _failure_json(row.policy_failure),
+        "mode": policy.mode.value if policy else None,
+        "mx": list(policy.mx) if policy else [],
+        "max_age": policy.max_age if policy else None,
+        "policy_warnings": list(policy.warnings) if policy else [],
+        "mx_hosts": None if row.mx_hosts is None else list(row.mx_hosts),
+        "mx_match": row.mx_match,
+        "mx_unmatched": list(row.mx_unmatched),
+        "mx_failure": _failure_json(row.mx_failure),
+        "tlsrpt": row.tlsrpt_status,
+        "tlsrpt_record": row.tlsrpt.text if row.tlsrpt else None,
+        "tlsrpt_rua": list(row.tlsrpt.rua) if row.tlsrpt else [],
+        "tlsrpt_failure": _failure_json(row.tlsrpt_failure),
+    }
+
+
+def summary_json(summary: SurveySummary) -> dict[str, Any]:
+    return {"domains": summary.total, "outcomes": summary.outcomes, "mx_mismatch": summary.mx_mismatch,
+            "tlsrpt": summary.tlsrpt}
+
+
+def render_json(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
+    """One JSON document: {"domains": [row...], "summary": {...}}, rows in FILE order."""
+    return json.dumps({"domains": [row_json(row) for row in rows], "summary": summary_json(summary)},
+                      indent=2) + "\n"
+
+
+CSV_COLUMNS = ("domain", "outcome", "txt", "txt_record", "txt_detail", "policy", "policy_detail", "mode",
+               "mx", "max_age", "policy_warnings", "mx_hosts", "mx_match", "mx_unmatched", "mx_detail",
+               "tlsrpt", "tlsrpt_rua", "tlsrpt_detail")
+
+
+def _detail(failure: Failure | None) -> str:
+    return failure.detail if failure else ""
+
+
+def _yes_no(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "no")
+
+
+def row_csv(row: SurveyRow) -> dict[str, str]:
+    """Lists are space-separated: host names and URIs cannot contain a raw space."""
+    policy = row.policy
+    return {
+        "domain": row.domain, "outcome": row.outcome,
+        "txt": row.txt_status, "txt_record": row.txt_record or "", "txt_detail": _detail(row.txt_failure),
+        "policy": row.policy_status, "policy_detail": _detail(row.policy_failure),
+        "mode": policy.mode.value if policy else "", "mx": " ".join(policy.mx) if policy else "",
+        "max_age": str(policy.max_age) if policy else "",
+        "policy_warnings": "; ".join(policy.warnings) if policy else "",
+        "mx_hosts": " ".join(row.mx_hosts or ()), "mx_match": _yes_no(row.mx_match),
+        "mx_unmatched": " ".join(row.mx_unmatched), "mx_detail": _detail(row.mx_failure),
+        "tlsrpt": row.tlsrpt_status, "tlsrpt_rua": " ".join(row.tlsrpt.rua) if row.tlsrpt else "",
+        "tlsrpt_detail": _detail(row.tlsrpt_failure),
+    }
+
+
+def render_csv(rows: Sequence[SurveyRow]) -> str:
+    """One rectangular table, header first, so any CSV reader loads it; the summary goes elsewhere."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(row_csv(row) for row in rows)
+    return out.getvalue()
+
+
+def summary_lines(summary: SurveySummary) -> list[tuple[str, int]]:
+    """The summary as (label, domains) pairs: outcomes, MX mismatches, TLSRPT states, total."""
+    lines = [(outcome, count) for outcome, count in summary.outcomes.items()]
+    lines.append(("mx-mismatch", summary.mx_mismatch))
+    lines += [(f"tlsrpt-{state}", count) for state, count in summary.tlsrpt.items()]
+    lines.append(("total", summary.total))
+    return lines
+
+
+def render_summary_csv(summary: SurveySummary) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("summary", "domains"))
+    writer.writerows(summary_lines(summary))
+    return out.getvalue()
+
+
+MARKDOWN_COLUMNS = ("domain", "TXT record", "policy", "mode", "mx patterns", "max_age", "MX hosts match",
+                    "TLSRPT")
+
+
+def _cell(text: str) -> str:
+    """Markdown table cells cannot hold "|" or line breaks."""
+    return " ".join(text.split()).replace("|", "\\|") or "-"
+
+
+def _failure_cell(failure: Failure) -> str:
+    """"no-record" alone says it all; every other kind needs its why (CSV and JSON have all)."""
+    if failure.kind is FailureKind.NO_RECORD:
+        return failure.kind.value
+    return str(failure)
+
+
+def _txt_cell(row: SurveyRow) -> str:
+    if row.txt_failure is not None:
+        return _failure_cell(row.txt_failure)
+    return row.txt_record or "valid"  # --update-cache after a failed fetch: valid, text not kept
+
+
+def _policy_cell(row: SurveyRow) -> str:
+    if row.policy_failure is not None:
+        kept = " (cached policy kept)" if row.policy is not None else ""  # RFC 8461 §5.1
+        return _failure_cell(row.policy_failure) + kept
+    if row.policy is not None and row.policy.warnings:
+        return f"ok ({len(row.policy.warnings)} warnings)"
+    return "ok" if row.policy is not None else ""
+
+
+def _mx_cell(row: SurveyRow) -> str:
+    if row.mx_failure is not None:
+        return _failure_cell(row.mx_failure)
+    if row.mx_hosts == ():
+        return "null MX (RFC 7505)"
+    if row.mx_match is None:
+        return ""
+    return "yes" if row.mx_match else "no: " + ", ".join(row.mx_unmatched)
+
+
+def _tlsrpt_cell(row: SurveyRow) -> str:
+    if row.tlsrpt is not None:
+        return ", ".join(row.tlsrpt.rua)
+    return _failure_cell(row.tlsrpt_failure) if row.tlsrpt_failure is not None else ""
+
+
+def markdown_cells(row: SurveyRow) -> tuple[str, ...]:
+    """One table row, in MARKDOWN_COLUMNS order; empty cells are drawn as "-"."""
+    policy = row.policy
+    return (row.domain, _txt_cell(row), _policy_cell(row), policy.mode.value if policy else "",
+            ", ".join(policy.mx) if policy else "", str(policy.max_age) if policy else "",
+            _mx_cell(row), _tlsrpt_cell(row))
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
+    """The survey table, a blank line, then the summary as a second two-column table."""
+    lines = _markdown_table(MARKDOWN_COLUMNS, (markdown_cells(row) for row in rows))
+    lines.append("")
+    lines += _markdown_table(("summary", "domains"), ((label, str(n)) for label, n in summary_lines(summary)))
+    return "\n".join(lines) + "\n"
+
+
+# ----- command line ---------------------------------------------------------------------------
+
+
+def register(sub: Any) -> None:
+    """Add `survey` to the command line (cli.COMMANDS)."""
+    from .cli import add_common_options, concurrency  # here, not at the top: cli imports this module
+
+    parser = sub.add_parser(
+        "survey", help="report what a list of domains publishes for MTA-STS and TLSRPT",
+        description="For each domain in FILE (one per line, '#' comments, '-' for stdin): the _mta-sts "
+                    "TXT record, the policy fetch, mode, mx patterns, max_age, whether the real MX hosts "
+                    "match the patterns, and the _smtp._tls TLSRPT record; then a summary. Reads no cache "
+                    "and writes none unless --update-cache. Exits non-zero only on a usage error.")
+    add_common_options(parser)
+    parser.add_argument("file", metavar="FILE", help="domains, one per line; '-' reads standard input")
+    parser.add_argument("--format", choices=FORMATS, default="markdown",
+                        help="markdown table (default), csv (summary on stderr) or json")
+    parser.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
+    parser.add_argument("--concurrency", type=concurrency, default=DEFAULT_CONCURRENCY, metavar="N",
+                        help=f"domains surveyed at once (default {DEFAULT_CONCURRENCY})")
+    parser.add_argument("--update-cache", action="store_true",
+                        help="resolve through the daemon's cache (--cache / cache.path) and update it")
+    parser.set_defaults(handler=run)
+
+
+def _load_domains(path: str) -> list[str]:
+    if path == "-":
+        return read_domains(sys.stdin)
+    with open(path, encoding="utf-8") as handle:
+        return read_domains(handle)
+
+
+def _surveyor(config: Config, update_cache: bool, stack: contextlib.ExitStack) -> Surveyor:
+    """Without --update-cache nothing opens the cache file, so a survey never creates or locks
+    the daemon's cache; with it, the daemon's own wiring (same cache path, same settings)."""
+    discovery = Discovery(config.dns)
+    if not update_cache:
+        return Surveyor(discovery, fetcher=PolicyFetcher(discovery, config.fetch))
+    resolver = build_resolver(config)
+    stack.callback(resolver.cache.close)
+    return Surveyor(discovery, resolver=resolver)
+
+
+def survey_domains(config: Config, domains: Sequence[str], *, update_cache: bool = False,
+                   concurrency: int = DEFAULT_CONCURRENCY) -> list[SurveyRow]:
+    """Survey `domains` (in order), with a progress bar when stderr is a terminal."""
+    with contextlib.ExitStack() as stack:
+        surveyor = _surveyor(config, update_cache, stack)
+        progress = ProgressBar.for_stream(len(domains), sys.stderr)
+        rows = run_bounded(surveyor.survey, domains, concurrency, progress.advance if progress else None)
+        if progress is not None:
+            progress.close()
+    return rows
+
+
+def write_report(output: IO[str], rows: Sequence[SurveyRow], fmt: str) -> None:
+    """Markdown and JSON carry their summary; CSV keeps one table and puts the summary on stderr."""
+    summary = SurveySummary.of(rows)
+    if fmt == "json":
+        output.write(render_json(rows, summary))
+    elif fmt == "csv":
+        output.write(render_csv(rows))
+        sys.stderr.write(render_summary_csv(summary))
+    else:
+        output.write(render_markdown(rows, summary))
+    output.flush()
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    """The `survey` handler: 0 when every domain was surveyed, 2 on a usage error."""
+    with contextlib.ExitStack() as stack:
+        try:  # both checked before any network work, so a typo costs nothing
+            domains = _load_domains(args.file)
+            output = (stack.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
+                      if args.output else sys.stdout)
+        except (OSError, ValueError) as exc:  # ValueError includes UnicodeDecodeError
+            print(f"mtasts-policyd survey: {exc}", file=sys.stderr)
+            return 2
+        rows = survey_domains(config, domains, update_cache=args.update_cache, concurrency=args.concurrency)
+        write_report(output, rows, args.format)
+    return 0

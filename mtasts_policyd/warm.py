@@ -1,0 +1,402 @@
+"""The cache warmer: `mtasts-policyd warm`, run from cron or a systemd timer.
+
+It refreshes cached policies before they expire (RFC 8461 §10.2: fetch again regularly even when
+the id is unchanged, so that max_age restarts from the new fetch), re-checks TXT ids, and resolves
+domains from hint lists so that the first mail to a big provider finds its policy cached.
+
+All cache writes go through `PolicyResolver.resolve()`, so the warmer follows the same rules as
+the daemon: a failure never replaces a usable policy, back-off after failures is stored per
+domain, and a write that races another process (daemon, second warmer) is merged, not lost. Each
+domain's result is one SQLite statement in WAL mode, so killing the warmer at any moment leaves
+the cache consistent.
+
+The logic is plain functions; `register()` adds the command to the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import enum
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .cache import Entry
+from .config import Config
+from .daemon import build_resolver
+from .errors import FailureKind
+from .names import clean_key
+from .policy import Mode, Policy
+from .resolution import PolicyResolver
+
+log = logging.getLogger("mtasts_policyd.warm")
+
+DAY = 86400.0
+
+
+class Outcome(enum.Enum):
+    REFRESHED = "refreshed"  # fetched again, same id and policy: max_age restarts (§10.2)
+    CHANGED = "changed"  # the cache now holds another policy: new id or content, or a first policy
+    UNCHANGED = "unchanged"  # checked, no fetch needed: TXT id unchanged for a fresh copy, or still no policy
+    FAILED = "failed"  # DNS or HTTPS failed; whatever usable policy was cached is kept
+    SKIPPED = "skipped"  # not asked: backing off after a recent failure, or overridden in the config
+
+
+class AlertKind(enum.Enum):
+    ENFORCE_NOT_REFRESHED = "enforce-not-refreshed"  # a cached enforce policy could not be refreshed
+    MODE_DOWNGRADE = "mode-downgrade"  # enforce -> testing or none
+    MX_CHANGED = "mx-changed"  # the mx pattern set of an enforce policy changed
+    ERROR = "error"  # the warmer itself failed (cache unusable, internal error)
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: AlertKind
+    domain: str
+    detail: str
+
+    def line(self) -> str:
+        """One grep-able line; the detail comes last and may contain spaces."""
+        detail = " ".join(self.detail.split())
+        return f"ALERT kind={self.kind.value} domain={self.domain} detail={detail}"
+
+
+@dataclass(frozen=True)
+class WarmResult:
+    domain: str
+    outcome: Outcome
+    detail: str = ""
+    policy_id: str | None = None  # what the cache holds afterwards
+    mode: Mode | None = None
+    alerts: tuple[Alert, ...] = ()
+
+    def line(self) -> str:
+        mode = self.mode.value if self.mode else "-"
+        return (f"warm domain={self.domain} outcome={self.outcome.value} id={self.policy_id or '-'} mode={mode}"
+                f"{' detail=' + ' '.join(self.detail.split()) if self.detail else ''}")
+
+
+@dataclass(frozen=True)
+class WarmOptions:
+    recent: float = 7 * DAY  # seconds: domains looked up within this are warmed
+    all_policies: bool = False  # every cached domain with a policy, looked up recently or not
+    concurrency: int = 8
+    jitter: float = 2.0  # seconds: each domain waits a random 0..jitter before its network work
+    force: bool = False  # ignore back-off
+    refetch_after: float = 43200.0  # seconds: younger copies (and younger than max_age/2) get a TXT check only
+
+
+@dataclass
+class Summary:
+    total: int  # domains selected
+    results: list[WarmResult] = field(default_factory=list)
+    interrupted: bool = False
+    run_alerts: list[Alert] = field(default_factory=list)  # about the run, not one domain
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        return self.run_alerts + [alert for r in self.results for alert in r.alerts]
+
+    def line(self) -> str:
+        counts = ", ".join(f"{o.value} {self.count(o)}" for o in
+                           (Outcome.REFRESHED, Outcome.UNCHANGED, Outcome.CHANGED, Outcome.FAILED, Outcome.SKIPPED))
+        done = f" (interrupted after {len(self.results)})" if self.interrupted else ""
+        return f"warm: {self.total} domains, {counts}, alerts {len(self.alerts)}{done}"
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.alerts else 0
+
+
+def _time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(value, datetime.UTC).isoformat(timespec="seconds")
+
+
+# ----- which domains ----------------------------------------------------------------------------
+
+
+def select_domains(entries: Iterable[Entry], now: float, options: WarmOptions,
+                   hints: Iterable[str] = ()) -> list[str]:
+    """Cached domains looked up within `recent` (any entry: policy or negative), every cached
+    domain with a policy under `all_policies`, and the hint domains; sorted, without duplicates."""
+    chosen = set(hints)
+    for entry in entries:
+        recent = entry.last_lookup > 0 and entry.last_lookup >= now - options.recent
+        if recent or (options.all_policies and entry.policy is not None):
+            chosen.add(entry.domain)
+    return sorted(chosen)
+
+
+def read_domain_list(handle: TextIO, name: str) -> tuple[list[str], list[str]]:
+    """Domains from a hint list (one per line; blank lines and `#` comments ignored), and a
+    complaint per line that is not a domain name."""
+    domains: list[str] = []
+    problems: list[str] = []
+    for number, line in enumerate(handle, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        domain = clean_key(text) if len(text.split()) == 1 else None
+        if domain is None:
+            problems.append(f"{name}:{number}: not a domain name: {text!r}")
+        else:
+            domains.append(domain)
+    return domains, problems
+
+
+# ----- one domain -------------------------------------------------------------------------------
+
+
+def warm_domain(resolver: PolicyResolver, domain: str, options: WarmOptions,
+                clock: Callable[[], float] = time.time) -> WarmResult:
+    """Refresh one domain through the resolver and say what happened."""
+    now = clock()
+    override = resolver.overrides.get(domain)
+    if override is not None and override.active(now):
+        return WarmResult(domain, Outcome.SKIPPED, "override in the configuration")
+    cache = resolver.cache
+    # Read the stored row, not this process's memory copy: another process may have written it.
+    before = cache.reload(domain) if cache.persistent else cache.get(domain)
+    stored = before.policy if before is not None else None
+    if before is not None and now < before.retry_after and not options.force:
+        detail = f"backing off until {_time(before.retry_after)}"
+        if before.failure is not None:
+            detail += f" after {before.failure}"
+        alerts = _not_refreshed(before, now, detail) if before.failure is not None else ()
+        return WarmResult(domain, Outcome.SKIPPED, detail, before.policy_id, stored.mode if stored else None, alerts)
+    # RFC 8461 §10.2: fetch even with an unchanged id so that max_age restarts. A copy younger than
+    # refetch_after and than half its max_age only gets its TXT id checked (resolve() fetches on a
+    # new id); a domain without a policy gets the TXT check too, and a fetch if a record appeared.
+    refetch = stored is not None and before is not None and (
+        before.fetched_at is None or now - before.fetched_at >= min(options.refetch_after, stored.max_age / 2))
+    resolver.resolve(domain, refetch=refetch)
+    after = cache.get(domain)
+    if after is None:
+        return WarmResult(domain, Outcome.FAILED, "result was not stored in the cache",
+                          alerts=(Alert(AlertKind.ERROR, domain, "result was not stored in the cache"),))
+    return classify(before, after, now)
+
+
+def classify(before: Entry | None, after: Entry, now: float) -> WarmResult:
+    """Compare the entry before and after a resolution started at `now`; raise alerts."""
+    domain = after.domain
+    stored = before.policy if before is not None else None
+    new = after.policy
+    mode = new.mode if new else None
+    before_fetch = before.fetched_at if before is not None and before.fetched_at is not None else float("-inf")
+    if after.fetched_at is not None and after.fetched_at > before_fetch and new is not None:
+        if stored is not None and before is not None and after.policy_id == before.policy_id and new == stored:
+            return WarmResult(domain, Outcome.REFRESHED, f"expires {_time(after.expires_at)}", after.policy_id, mode)
+        old_id = before.policy_id if before is not None and before.policy_id else "-"
+        detail = f"id {old_id} -> {after.policy_id}"
+        if stored is not None:
+            detail += f", mode {stored.mode.value} -> {new.mode.value}"
+        else:
+            detail += f", mode {new.mode.value} (first policy)"
+        return WarmResult(domain, Outcome.CHANGED, detail, after.policy_id, mode,
+                          _policy_alerts(domain, stored, new, old_id, after.policy_id or "-"))
+    failed_now = after.failure is not None and after.failure_at is not None and after.failure_at >= now
+    if failed_now and after.failure is not None:
+        usable = after.usable_policy(now)
+        if after.failure.kind in (FailureKind.NO_RECORD, FailureKind.INVALID_RECORD) and (
+                usable is None or usable.mode is Mode.NONE):  # no policy, or withdrawn as in §8.3
+            return WarmResult(domain, Outcome.UNCHANGED, f"no policy ({after.failure.kind.value})", after.policy_id,
+                              usable.mode if usable else None)
+        detail = str(after.failure)
+        if after.usable_policy(now) is not None:
+            detail += f"; keeping id {after.policy_id} until {_time(after.expires_at)}"
+        alerts = _not_refreshed(before, now, str(after.failure)) if before is not None else ()
+        return WarmResult(domain, Outcome.FAILED, detail, after.policy_id, mode, alerts)
+    if after.usable_policy(now) is not None:
+        return WarmResult(domain, Outcome.UNCHANGED, f"id {after.policy_id} unchanged", after.policy_id, mode)
+    return WarmResult(domain, Outcome.UNCHANGED, "no policy")
+
+
+def _not_refreshed(before: Entry, now: float, why: str) -> tuple[Alert, ...]:
+    """A cached enforce policy (usable or just expired) that this run could not refresh."""
+    if before.policy is None or before.policy.mode is not Mode.ENFORCE:
+        return ()
+    usable = before.usable_policy(now) is not None
+    when = f"{'expires' if usable else 'expired'} {_time(before.expires_at)}"
+    return (Alert(AlertKind.ENFORCE_NOT_REFRESHED, before.domain, f"id={before.policy_id} {when}; {why}"),)
+
+
+def _policy_alerts(domain: str, old: Policy | None, new: Policy, old_id: str, new_id: str) -> tuple[Alert, ...]:
+    if old is None:
+        return ()
+    alerts = []
+    if old.mode is Mode.ENFORCE and new.mode is not Mode.ENFORCE:
+        alerts.append(Alert(AlertKind.MODE_DOWNGRADE, domain,
+                            f"enforce -> {new.mode.value} (id {old_id} -> {new_id})"))
+    if Mode.NONE not in (old.mode, new.mode) and Mode.ENFORCE in (old.mode, new.mode) and set(old.mx) != set(new.mx):
+        alerts.append(Alert(AlertKind.MX_CHANGED, domain,
+                            f"{','.join(old.mx)} -> {','.join(new.mx)} (id {old_id} -> {new_id})"))
+    return tuple(alerts)
+
+
+# ----- a run ------------------------------------------------------------------------------------
+
+
+def warm(resolver: PolicyResolver, domains: Sequence[str], options: WarmOptions,
+         clock: Callable[[], float] = time.time,
+         on_result: Callable[[WarmResult, int, int], None] | None = None,
+         stop: threading.Event | None = None) -> Summary:
+    """Warm `domains` with at most `options.concurrency` at a time. `on_result(result, done,
+    total)` runs in the calling thread as results arrive. KeyboardInterrupt (or `stop`) ends the
+    run after the domains in flight; the summary then says it was interrupted."""
+    stop = stop or threading.Event()
+    summary = Summary(len(domains))
+
+    def task(domain: str) -> WarmResult | None:
+        if options.jitter > 0 and stop.wait(random.uniform(0, options.jitter)):
+            return None
+        if stop.is_set():
+            return None
+        try:
+            return warm_domain(resolver, domain, options, clock)
+        except Exception as exc:  # a bug must not end the run for every other domain
+            log.exception("warm domain=%s crashed", domain)
+            return WarmResult(domain, Outcome.FAILED, f"internal error: {exc!r}",
+                              alerts=(Alert(AlertKind.ERROR, domain, f"internal error: {exc!r}"),))
+
+    with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="warm") as pool:
+        futures: list[Future[WarmResult | None]] = [pool.submit(task, d) for d in domains]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                if result is None:
+                    continue
+                summary.results.append(result)
+                if on_result is not None:
+                    on_result(result, len(summary.results), summary.total)
+        except KeyboardInterrupt:
+            stop.set()
+            for future in futures:
+                future.cancel()
+        if stop.is_set():
+            summary.interrupted = True
+    return summary
+
+
+# ----- command line -----------------------------------------------------------------------------
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    return value
+
+
+def register(sub: Any) -> None:
+    from .cli import add_common_options, concurrency  # here, not at import: cli imports this module
+
+    parser = sub.add_parser(
+        "warm", help="refresh cached policies before they expire (cron, systemd timer)",
+        description="Refresh the policies of recently looked-up domains (RFC 8461 §10.2: fetch again even "
+                    "with an unchanged id, so max_age restarts), re-check TXT ids, and resolve hint-list "
+                    "domains. Prints a summary line; alerts go to stderr as 'ALERT kind=... domain=... "
+                    "detail=...' lines.",
+        epilog="exit status: 0 no alerts, 1 alerts (enforce policy not refreshed, enforce downgraded, "
+               "mx patterns changed, cache unusable), 2 usage error, 130 interrupted")
+    add_common_options(parser)
+    parser.add_argument("--recent", type=_non_negative, default=7.0, metavar="DAYS",
+                        help="warm cached domains looked up within DAYS (default 7)")
+    parser.add_argument("--all", dest="all_policies", action="store_true",
+                        help="also every cached domain with a policy, looked up recently or not")
+    parser.add_argument("--domains", action="append", default=[], metavar="FILE",
+                        help="hint list: one domain per line, '#' comments; '-' is stdin; repeatable")
+    parser.add_argument("--concurrency", type=concurrency, default=8, metavar="N",
+                        help="domains worked on at once (default 8)")
+    parser.add_argument("--jitter", type=_non_negative, default=2.0, metavar="SECONDS",
+                        help="random delay of up to SECONDS before each domain (default 2)")
+    parser.add_argument("--refetch-after", type=_non_negative, default=43200.0, metavar="SECONDS",
+                        help="refetch policies fetched longer ago than this or than half their max_age; "
+                             "younger copies only get their TXT id checked (default 43200)")
+    parser.add_argument("--force", action="store_true", help="ignore back-off after recent failures")
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per domain on stdout")
+    parser.set_defaults(handler=run_warm)
+
+
+class _Progress:
+    """`[done/total] domain` on one rewritten stderr line, only when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+
+    def show(self, done: int, total: int, domain: str) -> None:
+        if self.enabled:
+            self.stream.write(f"\r[{done}/{total}] {domain}\033[K")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def run_warm(args: argparse.Namespace, config: Config) -> int:
+    if args.log_level is None:  # a cron job's mail should hold the summary and alerts, not info logs
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    hints: list[str] = []
+    for name in args.domains:
+        try:
+            if name == "-":
+                domains, problems = read_domain_list(sys.stdin, "<stdin>")
+            else:
+                with open(name, encoding="utf-8") as handle:
+                    domains, problems = read_domain_list(handle, name)
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"mtasts-policyd warm: cannot read domain list {name}: {exc}", file=sys.stderr)
+            return 2
+        if problems:  # like `survey`: the same hint list must mean the same to both commands
+            for problem in problems:
+                print(f"mtasts-policyd warm: {problem}", file=sys.stderr)
+            return 2
+        hints.extend(domains)
+    options = WarmOptions(recent=args.recent * DAY, all_policies=args.all_policies, concurrency=args.concurrency,
+                          jitter=args.jitter, force=args.force, refetch_after=args.refetch_after)
+    resolver = build_resolver(config)
+    try:
+        if not resolver.cache.persistent:
+            alert = Alert(AlertKind.ERROR, "-", f"cache {resolver.cache.path} cannot be opened; nothing warmed")
+            print(alert.line(), file=sys.stderr)
+            print(Summary(0, run_alerts=[alert]).line())
+            return 1
+        domains = select_domains(resolver.cache.entries(), time.time(), options, hints)
+        progress = _Progress(sys.stderr)
+
+        def report(result: WarmResult, done: int, total: int) -> None:
+            if result.alerts:
+                progress.clear()
+                for alert in result.alerts:
+                    print(alert.line(), file=sys.stderr, flush=True)
+            if args.verbose:
+                progress.clear()
+                print(result.line(), flush=True)
+            progress.show(done, total, result.domain)
+
+        summary = warm(resolver, domains, options, on_result=report)
+        progress.clear()
+    finally:
+        resolver.cache.close()
+    print(summary.line(), flush=True)
+    return summary.exit_code
