@@ -168,7 +168,8 @@ def _open(config: Config, create: bool = False) -> Iterator[tuple[PolicyCache, _
 
 def _domains(names: list[str]) -> list[str]:
     """A-labels for the command-line names; every name is checked before anything is done."""
-    cleaned, bad = [], []
+    cleaned: list[str] = []
+    bad: list[str] = []
     for name in names:
         domain = to_alabel(name)
         (cleaned if domain else bad).append(domain or name)
@@ -421,12 +422,16 @@ def export_command(args: argparse.Namespace, config: Config) -> int:
 # ----- import ----------------------------------------------------------------------------------
 
 
-def _time_field(record: dict[str, Any], key: str, optional: bool = False) -> float | None:
+def _time_field(record: dict[str, Any], key: str) -> float:
+    """A stored time that defaults to 0 (never)."""
+    value = _optional_time_field(record, key)
+    return 0.0 if value is None else value
+
+
+def _optional_time_field(record: dict[str, Any], key: str) -> float | None:
     value = record.get(key)
-    if value is None and optional:
-        return None
     if value is None:
-        return 0.0
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{key} must be seconds since the epoch, not {value!r}")
     return float(value)
@@ -479,7 +484,7 @@ def entry_from_record(record: Any, now: float) -> Entry:
             policy = parse_policy(body)
         except InvalidPolicy as exc:
             raise ValueError(f"policy_body is not a valid policy: {exc.detail}") from None
-    fetched_at = _time_field(record, "fetched_at", optional=True)
+    fetched_at = _optional_time_field(record, "fetched_at")
     if body is not None and fetched_at is None:
         raise ValueError("a policy_body needs fetched_at (its max_age counts from the fetch)")
     if fetched_at is not None and fetched_at > now + FUTURE_SLACK:
@@ -507,7 +512,7 @@ def entry_from_record(record: Any, now: float) -> Entry:
     return Entry(domain, txt_record=txt_record, policy_id=policy_id, policy_body=body, policy=policy,
                  fetched_at=fetched_at, txt_expires_at=_time_field(record, "txt_expires_at"),
                  negative_until=_time_field(record, "negative_until"), failure=failure,
-                 failure_at=_time_field(record, "failure_at", optional=True), failures=failures,
+                 failure_at=_optional_time_field(record, "failure_at"), failures=failures,
                  retry_after=_time_field(record, "retry_after"), last_lookup=_time_field(record, "last_lookup"),
                  mx_hosts=mx_hosts, mx_expires_at=_time_field(record, "mx_expires_at"))
 

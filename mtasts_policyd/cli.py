@@ -144,16 +144,16 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
         return result
     entry = resolver.cache.get(decision.domain)
     policy = decision.policy
-    stored = entry.policy if entry else None
+    shown = policy or (entry.policy if entry else None)  # the usable policy, else the expired one
     result.update({
         "domain": decision.domain,
         "reason": decision.reason,
         "cache": decision.cache.value,
         "txt_record": entry.txt_record if entry else None,
         "policy_id": decision.policy_id,
-        "mode": (policy or stored).mode.value if (policy or stored) else None,
-        "mx": list((policy or stored).mx) if (policy or stored) else [],
-        "max_age": (policy or stored).max_age if (policy or stored) else None,
+        "mode": shown.mode.value if shown else None,
+        "mx": list(shown.mx) if shown else [],
+        "max_age": shown.max_age if shown else None,
         "fetched_at": _time(decision.fetched_at),
         "expires_at": _time(decision.expires_at),
         "usable": policy is not None,
@@ -161,7 +161,7 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
             "kind": decision.failure.kind.value, "detail": decision.failure.detail,
             "tlsrpt_result_type": decision.failure.kind.tlsrpt_result_type},
         "retry_after": _time(entry.retry_after) if entry and entry.retry_after else None,
-        "warnings": list((policy or stored).warnings) if (policy or stored) else [],
+        "warnings": list(shown.warnings) if shown else [],
     })
     return result
 

@@ -49,7 +49,7 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
 
     def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        pool_kwargs["server_hostname"] = self._hostname
+        pool_kwargs["server_hostname"] = self._hostname  # type: ignore[typeddict-unknown-key]
         pool_kwargs["ssl_context"] = self._context
         pool_kwargs.pop("ca_certs", None)
         pool_kwargs.pop("ca_cert_dir", None)
@@ -58,7 +58,8 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """Verify chain and name (RFC 8461 §3.3) with OpenSSL's own RFC 6125 check; TLS 1.2+ (§7.2)."""
-    context = ssl.create_default_context(cafile=ca_file or requests.certs.where())
+    bundle = ca_file or requests.certs.where()  # type: ignore[attr-defined]
+    context = ssl.create_default_context(cafile=bundle)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 

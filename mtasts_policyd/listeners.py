@@ -53,6 +53,7 @@ async def open_listener(factory: Callable[[], asyncio.Protocol], address: Addres
                         permissions: SocketPermissions = SocketPermissions()) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     if address.path is None:
+        assert address.port is not None  # parse_address gives a port to every non-unix address
         return await loop.create_server(factory, address.host, address.port, reuse_address=True)
     path = address.path
     if os.path.exists(path):

@@ -264,10 +264,10 @@ class MetricsServer:
         if self.cache.persistent and self.cache.path is not None:
             rows = await asyncio.get_running_loop().run_in_executor(None, count_rows, self.cache.path)
         memory = self.cache.memory_size
-        entries = [({"store": "memory"}, memory)]
+        entries: list[tuple[dict[str, str], float]] = [({"store": "memory"}, memory)]
         if rows is not None:
             entries.append(({"store": "disk"}, rows))
-        gauges = [
+        gauges: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]] = [
             ("mtasts_cache_entries", "gauge",
              "Domains in the cache: the in-memory LRU, and the SQLite file (absent if it cannot be counted).",
              entries),

@@ -241,6 +241,7 @@ class PolicyResolver:
         if policy is None or not policy.has_wildcards or now < entry.mx_expires_at:
             return entry
         s = self.settings
+        ttl: int | None
         try:
             hosts, ttl = self._discovery.mx_hosts(entry.domain)
         except NoRecord as exc:
