@@ -12,7 +12,6 @@ import argparse
 import base64
 import binascii
 import contextlib
-import datetime
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from .errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
 from .names import to_alabel
 from .policy import Mode, parse_policy
 from .txt import parse_record
+from .views import failure_fields, iso_time, policy_fields
 
 EXPORT_FORMAT = "mtasts-policyd-cache"
 EXPORT_VERSION = 1
@@ -125,13 +125,6 @@ def _fail(message: str) -> None:
     print(f"mtasts-policyd cache: {message}", file=sys.stderr)
 
 
-def _iso(value: float | None) -> str | None:
-    """ISO 8601 UTC, as `query` prints times; None for unset (None or 0)."""
-    if not value:
-        return None
-    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def _printable(text: str) -> str:
     """Escape control characters: bodies, records and details come from other people's servers."""
     return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
@@ -222,10 +215,10 @@ def summary(entry: Entry, now: float) -> dict[str, Any]:
         "state": state_of(entry, now),
         "mode": entry.policy.mode.value if entry.policy else None,
         "policy_id": entry.policy_id,
-        "expires_at": _iso(expires),
-        "last_lookup": _iso(entry.last_lookup),
+        "expires_at": iso_time(expires),
+        "last_lookup": iso_time(entry.last_lookup),
         "failure": entry.failure.kind.value if entry.failure else None,
-        "retry_after": _iso(entry.retry_after) if now < entry.retry_after else None,
+        "retry_after": iso_time(entry.retry_after) if now < entry.retry_after else None,
     }
 
 
@@ -237,22 +230,18 @@ def details(entry: Entry, now: float) -> dict[str, Any]:
         "state": state_of(entry, now),
         "txt_record": entry.txt_record,
         "policy_id": entry.policy_id,
-        "mode": policy.mode.value if policy else None,
-        "mx": list(policy.mx) if policy else [],
-        "max_age": policy.max_age if policy else None,
-        "fetched_at": _iso(entry.fetched_at),
-        "expires_at": _iso(entry.expires_at),
-        "txt_expires_at": _iso(entry.txt_expires_at),
+        **policy_fields(policy),
+        "fetched_at": iso_time(entry.fetched_at),
+        "expires_at": iso_time(entry.expires_at),
+        "txt_expires_at": iso_time(entry.txt_expires_at),
         "mx_hosts": list(entry.mx_hosts) if entry.mx_hosts is not None else None,
-        "mx_expires_at": _iso(entry.mx_expires_at),
-        "negative_until": _iso(entry.negative_until),
-        "failure": None if entry.failure is None else {
-            "kind": entry.failure.kind.value, "detail": entry.failure.detail,
-            "tlsrpt_result_type": entry.failure.kind.tlsrpt_result_type},
-        "failure_at": _iso(entry.failure_at),
+        "mx_expires_at": iso_time(entry.mx_expires_at),
+        "negative_until": iso_time(entry.negative_until),
+        "failure": failure_fields(entry.failure),
+        "failure_at": iso_time(entry.failure_at),
         "failures": entry.failures,
-        "retry_after": _iso(entry.retry_after),
-        "last_lookup": _iso(entry.last_lookup),
+        "retry_after": iso_time(entry.retry_after),
+        "last_lookup": iso_time(entry.last_lookup),
         "warnings": list(policy.warnings) if policy else [],
         "policy_error": _body_error(entry),
     }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from .listeners import parse_address
 from .names import clean_key
 from .postfix import tls_policy
 from .resolution import Decision, PolicyResolver
+from .views import failure_fields, iso_time, policy_fields
 
 DESCRIPTION = """\
 MTA-STS (RFC 8461) policy daemon for Postfix (socketmap) and Exim (${readsocket}).
@@ -123,12 +123,6 @@ def configure(args: argparse.Namespace) -> Config:
     return config
 
 
-def _time(value: float | None) -> str | None:
-    if value is None:
-        return None
-    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyResolver) -> dict[str, Any]:
     """Everything `query` knows about one key, as plain data."""
     result: dict[str, Any] = {"key": key, "answer": answer}
@@ -138,7 +132,7 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
     if decision.override is not None:
         o = decision.override
         result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.cache.value,
-                       "override": {"action": o.action, "reason": o.reason, "expires_at": _time(o.expires_at)}})
+                       "override": {"action": o.action, "reason": o.reason, "expires_at": iso_time(o.expires_at)}})
         if decision.policy is not None:
             result.update({"mode": decision.policy.mode.value, "mx": list(decision.policy.mx)})
         return result
@@ -151,16 +145,12 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
         "cache": decision.cache.value,
         "txt_record": entry.txt_record if entry else None,
         "policy_id": decision.policy_id,
-        "mode": shown.mode.value if shown else None,
-        "mx": list(shown.mx) if shown else [],
-        "max_age": shown.max_age if shown else None,
-        "fetched_at": _time(decision.fetched_at),
-        "expires_at": _time(decision.expires_at),
+        **policy_fields(shown),
+        "fetched_at": iso_time(decision.fetched_at),
+        "expires_at": iso_time(decision.expires_at),
         "usable": policy is not None,
-        "failure": None if decision.failure is None else {
-            "kind": decision.failure.kind.value, "detail": decision.failure.detail,
-            "tlsrpt_result_type": decision.failure.kind.tlsrpt_result_type},
-        "retry_after": _time(entry.retry_after) if entry and entry.retry_after else None,
+        "failure": failure_fields(decision.failure),
+        "retry_after": iso_time(entry.retry_after) if entry else None,
         "warnings": list(shown.warnings) if shown else [],
     })
     return result

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from .cache import PolicyCache, default_cache_path
 from .config import Config, ConfigError, override_table
-from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .discovery import Discovery
+from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .fetch import PolicyFetcher
 from .listeners import SocketPermissions, open_listener, parse_address
 from .metrics import MetricsServer, parse_metrics_address

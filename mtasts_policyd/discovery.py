@@ -22,7 +22,6 @@ from .errors import DnsTemporaryFailure, MtaStsError, NoRecord
 from .tlsrpt import TlsRptRecord, parse_tlsrpt
 from .txt import StsRecord, join_strings, select_record
 
-
 T = TypeVar("T")
 
 

@@ -30,9 +30,9 @@ from typing import IO, Any, TypeVar
 from .config import Config
 from .daemon import build_resolver
 from .discovery import Discovery
+from .domainlist import read_domain_list
 from .errors import Failure, FailureKind, MtaStsError, NoRecord
 from .fetch import PolicyFetcher
-from .names import is_ip_literal, to_alabel
 from .policy import Mode, Policy, parse_policy
 from .resolution import PolicyResolver
 from .tlsrpt import TlsRptRecord
@@ -242,35 +242,6 @@ class ProgressBar:
         self._stream.flush()
 
 
-# ----- input ----------------------------------------------------------------------------------
-
-
-def read_domains(lines: Iterable[str]) -> list[str]:
-    """Domains from FILE: one per line, "#" starts a comment, blanks ignored, duplicates dropped.
-
-    Names are folded like MTA keys (case, trailing dot, IDN to A-label: names.to_alabel), because
-    that is the name a sender looks up. Anything that is not a host name is a usage error naming
-    its line: a survey that silently skips lines would undercount.
-    """
-    domains: list[str] = []
-    seen: set[str] = set()
-    bad: list[str] = []
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        domain = None if is_ip_literal(text) else to_alabel(text)
-        if domain is None:
-            bad.append(f"line {number}: {text[:80]!r}")
-        elif domain not in seen:
-            seen.add(domain)
-            domains.append(domain)
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise ValueError(f"not domain names: {'; '.join(bad[:5])}{more}")
-    return domains
-
-
 # ----- output ---------------------------------------------------------------------------------
 
 
@@ -445,7 +416,10 @@ def render_markdown(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
 
 def register(sub: Any) -> None:
     """Add `survey` to the command line (cli.COMMANDS)."""
-    from .cli import add_common_options, concurrency  # here, not at the top: cli imports this module
+    from .cli import (  # here, not at the top: cli imports this module
+        add_common_options,
+        concurrency,
+    )
 
     parser = sub.add_parser(
         "survey", help="report what a list of domains publishes for MTA-STS and TLSRPT",
@@ -463,13 +437,6 @@ def register(sub: Any) -> None:
     parser.add_argument("--update-cache", action="store_true",
                         help="resolve through the daemon's cache (--cache / cache.path) and update it")
     parser.set_defaults(handler=run)
-
-
-def _load_domains(path: str) -> list[str]:
-    if path == "-":
-        return read_domains(sys.stdin)
-    with open(path, encoding="utf-8") as handle:
-        return read_domains(handle)
 
 
 def _surveyor(config: Config, update_cache: bool, stack: contextlib.ExitStack) -> Surveyor:
@@ -512,11 +479,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
     """The `survey` handler: 0 when every domain was surveyed, 2 on a usage error."""
     with contextlib.ExitStack() as stack:
         try:  # both checked before any network work, so a typo costs nothing
-            domains = _load_domains(args.file)
+            domains = read_domain_list(args.file)
             output = (stack.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
                       if args.output else sys.stdout)
-        except (OSError, ValueError) as exc:  # ValueError includes UnicodeDecodeError
-            print(f"mtasts-policyd survey: {exc}", file=sys.stderr)
+        except (OSError, ValueError) as exc:  # DomainListError is a ValueError
+            for problem in str(exc).splitlines():
+                print(f"mtasts-policyd survey: {problem}", file=sys.stderr)
             return 2
         rows = survey_domains(config, domains, update_cache=args.update_cache, concurrency=args.concurrency)
         write_report(output, rows, args.format)

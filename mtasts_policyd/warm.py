@@ -16,7 +16,6 @@ The logic is plain functions; `register()` adds the command to the CLI.
 from __future__ import annotations
 
 import argparse
-import datetime
 import enum
 import logging
 import random
@@ -31,10 +30,11 @@ from typing import Any, TextIO
 from .cache import Entry
 from .config import Config
 from .daemon import build_resolver
+from .domainlist import DomainListError, read_domain_list
 from .errors import FailureKind
-from .names import clean_key
 from .policy import Mode, Policy
 from .resolution import PolicyResolver
+from .views import iso_time
 
 log = logging.getLogger("mtasts_policyd.warm")
 
@@ -121,9 +121,7 @@ class Summary:
 
 
 def _time(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(value, datetime.UTC).isoformat(timespec="seconds")
+    return iso_time(value) or "-"
 
 
 # ----- which domains ----------------------------------------------------------------------------
@@ -139,23 +137,6 @@ def select_domains(entries: Iterable[Entry], now: float, options: WarmOptions,
         if recent or (options.all_policies and entry.policy is not None):
             chosen.add(entry.domain)
     return sorted(chosen)
-
-
-def read_domain_list(handle: TextIO, name: str) -> tuple[list[str], list[str]]:
-    """Domains from a hint list (one per line; blank lines and `#` comments ignored), and a
-    complaint per line that is not a domain name."""
-    domains: list[str] = []
-    problems: list[str] = []
-    for number, line in enumerate(handle, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        domain = clean_key(text) if len(text.split()) == 1 else None
-        if domain is None:
-            problems.append(f"{name}:{number}: not a domain name: {text!r}")
-        else:
-            domains.append(domain)
-    return domains, problems
 
 
 # ----- one domain -------------------------------------------------------------------------------
@@ -306,7 +287,10 @@ def _non_negative(text: str) -> float:
 
 
 def register(sub: Any) -> None:
-    from .cli import add_common_options, concurrency  # here, not at import: cli imports this module
+    from .cli import (  # here, not at import: cli imports this module
+        add_common_options,
+        concurrency,
+    )
 
     parser = sub.add_parser(
         "warm", help="refresh cached policies before they expire (cron, systemd timer)",
@@ -357,21 +341,13 @@ def run_warm(args: argparse.Namespace, config: Config) -> int:
     if args.log_level is None:  # a cron job's mail should hold the summary and alerts, not info logs
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     hints: list[str] = []
-    for name in args.domains:
-        try:
-            if name == "-":
-                domains, problems = read_domain_list(sys.stdin, "<stdin>")
-            else:
-                with open(name, encoding="utf-8") as handle:
-                    domains, problems = read_domain_list(handle, name)
-        except (OSError, UnicodeDecodeError) as exc:
-            print(f"mtasts-policyd warm: cannot read domain list {name}: {exc}", file=sys.stderr)
-            return 2
-        if problems:  # like `survey`: the same hint list must mean the same to both commands
-            for problem in problems:
-                print(f"mtasts-policyd warm: {problem}", file=sys.stderr)
-            return 2
-        hints.extend(domains)
+    try:  # like `survey`: the same hint list means the same to both commands
+        for name in args.domains:
+            hints.extend(read_domain_list(name))
+    except DomainListError as exc:
+        for problem in str(exc).splitlines():
+            print(f"mtasts-policyd warm: {problem}", file=sys.stderr)
+        return 2
     options = WarmOptions(recent=args.recent * DAY, all_policies=args.all_policies, concurrency=args.concurrency,
                           jitter=args.jitter, force=args.force, refetch_after=args.refetch_after)
     resolver = build_resolver(config)

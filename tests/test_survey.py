@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtasts_policyd.survey import read_domains, run_bounded
+from mtasts_policyd.domainlist import parse_domain_list
+from mtasts_policyd.survey import run_bounded
 from tests.conftest import ROOT
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 604800\n"
@@ -259,7 +260,8 @@ def test_usage_errors(world):
     bad.write_text(f"{world.d['enforce']}\n\n192.0.2.1\nnot a domain\n")
     result = run("survey", "--config", str(world.config), str(bad))
     assert result.returncode == 2 and result.stdout == ""
-    assert "line 3: '192.0.2.1'" in result.stderr and "line 4: 'not a domain'" in result.stderr
+    assert ":3: not a domain name: '192.0.2.1'" in result.stderr
+    assert ":4: not a domain name: 'not a domain'" in result.stderr
     assert run("survey", "--config", str(world.config), str(world.tmp / "missing.txt")).returncode == 2
     assert run("survey", "--concurrency", "0", str(world.domains_file)).returncode == 2
     assert run("survey", "--format", "xml", str(world.domains_file)).returncode == 2
@@ -272,7 +274,7 @@ def test_stdin_and_empty_list(world):
 
 
 def test_read_domains_folds_like_mta_keys():
-    assert read_domains(["Example.COM.", "example.com", "  bücher.example # idn", "# c", ""]) == [
+    assert parse_domain_list(["Example.COM.", "example.com", "  bücher.example # idn", "# c", ""], "t") == [
         "example.com", "xn--bcher-kva.example"]
 
 
