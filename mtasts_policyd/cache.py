@@ -113,11 +113,18 @@ def default_cache_path() -> str:
     return os.path.join(base, "cache.sqlite3")
 
 
+class CacheWriteError(Exception):
+    """A write did not reach the disk (raised only by a cache opened with strict=True)."""
+
+
 class PolicyCache:
     """Thread-safe; one SQLite connection behind a lock (writes are rare, reads mostly hit memory)."""
 
-    def __init__(self, path: str | None, memory_entries: int = 100_000) -> None:
+    def __init__(self, path: str | None, memory_entries: int = 100_000, *, strict: bool = False) -> None:
+        """strict: writes that fail raise CacheWriteError. The daemon survives disk trouble by
+        logging and answering from memory; a command that edits the file must report it instead."""
         self.path = path
+        self.strict = strict
         self.memory_entries = memory_entries
         self._memory: cachetools.LRUCache[str, Entry] = cachetools.LRUCache(maxsize=memory_entries)
         self._lock = threading.Lock()
@@ -204,6 +211,8 @@ class PolicyCache:
                     if not self._write(stored, entry.version):
                         return None
                 except sqlite3.Error as exc:
+                    if self.strict:
+                        raise CacheWriteError(f"cannot write {entry.domain}: {exc}") from None
                     log.error("cache write domain=%s failed: %s; kept in memory only", entry.domain, exc)
             self._memory[entry.domain] = stored
             return stored
@@ -249,6 +258,8 @@ class PolicyCache:
                 try:
                     found = self._db.execute("DELETE FROM policies WHERE domain = ?", (domain,)).rowcount > 0 or found
                 except sqlite3.Error as exc:
+                    if self.strict:
+                        raise CacheWriteError(f"cannot delete {domain}: {exc}") from None
                     log.error("cache delete domain=%s failed: %s", domain, exc)
             return found
 

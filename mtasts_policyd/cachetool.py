@@ -13,7 +13,6 @@ import base64
 import binascii
 import contextlib
 import json
-import logging
 import math
 import os
 import sqlite3
@@ -24,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, TextIO
 
-from .cache import Entry, PolicyCache, default_cache_path
+from .cache import CacheWriteError, Entry, PolicyCache, default_cache_path
 from .config import Config
 from .errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
 from .names import to_alabel
@@ -130,33 +129,18 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
 
 
-class _ErrorLog(logging.Handler):
-    """Counts the errors PolicyCache logs: it survives disk trouble by logging, a CLI must not."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-
-
 @contextlib.contextmanager
-def _open(config: Config, create: bool = False) -> Iterator[tuple[PolicyCache, _ErrorLog]]:
+def _open(config: Config, create: bool = False) -> Iterator[PolicyCache]:
     path = config.cache.path or default_cache_path()
     if not create and not os.path.exists(path):
         raise CacheToolError(f"no cache file at {path} (wrong --cache or --config?)")
-    errors = _ErrorLog()
-    logger = logging.getLogger("mtasts_policyd.cache")
-    logger.addHandler(errors)
-    cache = PolicyCache(path, config.cache.memory_entries)
+    cache = PolicyCache(path, config.cache.memory_entries, strict=True)  # write failures raise
     try:
         if not cache.persistent:
             raise CacheToolError(f"cannot open the cache file {path} (see the error above)")
-        yield cache, errors
+        yield cache
     finally:
         cache.close()
-        logger.removeHandler(errors)
 
 
 def _domains(names: list[str]) -> list[str]:
@@ -257,7 +241,7 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 def list_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        with _open(config) as (cache, _):
+        with _open(config) as cache:
             entries = list(cache.entries())
     except (CacheToolError, sqlite3.Error) as exc:
         _fail(str(exc))
@@ -309,7 +293,7 @@ def show_command(args: argparse.Namespace, config: Config) -> int:
     status = 0
     try:
         domains = _domains(args.domains)
-        with _open(config) as (cache, _):
+        with _open(config) as cache:
             now = time.time()
             for name, domain in zip(args.domains, domains):
                 entry = cache.reload(domain)
@@ -335,15 +319,16 @@ def forget_command(args: argparse.Namespace, config: Config) -> int:
     status = 0
     try:
         domains = _domains(args.domains)
-        with _open(config) as (cache, errors):
+        with _open(config) as cache:
             for domain in domains:
                 entry = cache.reload(domain)
-                before = errors.count
-                found = cache.delete(domain)
-                if errors.count > before:
-                    _fail(f"could not delete {domain} (see the error above)")
+                try:
+                    found = cache.delete(domain)
+                except CacheWriteError as exc:
+                    _fail(str(exc))
                     status = 1
-                elif not found:
+                    continue
+                if not found:
                     _fail(f"{domain} was not cached")
                     status = 1
                 else:
@@ -384,7 +369,7 @@ def export_record(entry: Entry) -> dict[str, Any]:
 
 def export_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        with _open(config) as (cache, _):
+        with _open(config) as cache:
             records = [export_record(entry) for entry in cache.entries()]  # one SELECT: a consistent snapshot
     except (CacheToolError, sqlite3.Error) as exc:
         _fail(str(exc))
@@ -569,18 +554,20 @@ def import_command(args: argparse.Namespace, config: Config) -> int:
         print(f"dry run: {len(valid)} valid, {invalid} invalid; nothing written")
         return 1 if invalid else 0
     try:
-        with _open(config, create=True) as (cache, errors):
+        with _open(config, create=True) as cache:
             for entry in valid:
-                before = errors.count
-                outcome = store(cache, entry)
-                counts["failed" if errors.count > before else outcome] += 1
+                try:
+                    counts[store(cache, entry)] += 1
+                except CacheWriteError as exc:
+                    _fail(str(exc))
+                    counts["failed"] += 1
     except CacheToolError as exc:
         _fail(str(exc))
         return 1
     if counts["conflict"]:
         _fail(f"{counts['conflict']} entries kept changing under us (a busy daemon?) and were not imported")
     if counts["failed"]:
-        _fail(f"{counts['failed']} entries could not be written (see the errors above)")
+        _fail(f"{counts['failed']} entries could not be written")
     print(f"imported {counts['imported']}, kept {counts['kept']} (the cache had the same or a newer fetch), "
           f"invalid {invalid}" + "".join(f", {key} {counts[key]}" for key in ("conflict", "failed") if counts[key]))
     return 1 if invalid or counts["conflict"] or counts["failed"] else 0

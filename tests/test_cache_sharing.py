@@ -61,3 +61,21 @@ def test_batched_lookup_time_is_never_moved_back(tmp_path):
     daemon.touch({"x.test": 200.0})
     assert warmer.put(read) is not None
     assert PolicyCache(path).get("x.test").last_lookup == 200.0
+
+
+def test_write_failures_raise_only_in_strict_mode(tmp_path):
+    # The daemon survives a disk that refuses writes (memory answers on); `cache import` and
+    # `cache forget` must report it. query_only makes SQLite refuse writes like a read-only disk.
+    import pytest
+
+    from mtasts_policyd.cache import CacheWriteError
+
+    lenient = PolicyCache(str(tmp_path / "a.sqlite3"))
+    lenient._db.execute("PRAGMA query_only = ON")
+    assert lenient.put(Entry("x.test")) is not None and lenient.get("x.test") is not None
+    strict = PolicyCache(str(tmp_path / "b.sqlite3"), strict=True)
+    strict._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(CacheWriteError, match="cannot write x.test"):
+        strict.put(Entry("x.test"))
+    with pytest.raises(CacheWriteError, match="cannot delete x.test"):
+        strict.delete("x.test")
