@@ -14,6 +14,8 @@ command -v postmap >/dev/null 2>&1 || need+=(postfix)
 for pkg in libidn12 libgnutls-dane0 libdb5.3 libpcre2-8-0 libnsl2 iproute2 ca-certificates; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
+# Debian's own python3 needs python3-venv for `python3 -m venv` (.ci/run installs into a venv).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
   chmod +x /usr/sbin/policy-rc.d
