@@ -23,13 +23,14 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, TextIO
 
-from .cache import CacheWriteError, Entry, PolicyCache, default_cache_path
+from .cache import CacheWriteError, Entry, PolicyCache
+from .daemon import CacheMissing, cache_path, require_cache
 from .config import Config
 from .errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
 from .names import to_alabel
 from .policy import Mode, parse_policy
 from .txt import parse_record
-from .views import failure_fields, iso_time, policy_fields
+from .views import failure_fields, iso_time, policy_fields, printable, text_lines
 
 EXPORT_FORMAT = "mtasts-policyd-cache"
 EXPORT_VERSION = 1
@@ -124,16 +125,14 @@ def _fail(message: str) -> None:
     print(f"mtasts-policyd cache: {message}", file=sys.stderr)
 
 
-def _printable(text: str) -> str:
-    """Escape control characters: bodies, records and details come from other people's servers."""
-    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
-
-
 @contextlib.contextmanager
 def _open(config: Config, create: bool = False) -> Iterator[PolicyCache]:
-    path = config.cache.path or default_cache_path()
-    if not create and not os.path.exists(path):
-        raise CacheToolError(f"no cache file at {path} (wrong --cache or --config?)")
+    path = cache_path(config)
+    if not create:
+        try:
+            require_cache(config)
+        except CacheMissing as exc:
+            raise CacheToolError(str(exc)) from None
     cache = PolicyCache(path, config.cache.memory_entries, strict=True)  # write failures raise
     try:
         if not cache.persistent:
@@ -262,7 +261,7 @@ def list_command(args: argparse.Namespace, config: Config) -> int:
         return 0
     table = [["DOMAIN", "STATE", "POLICY ID", "EXPIRES (UTC)", "LAST LOOKUP (UTC)", "LAST FAILURE"]]
     for info in rows:
-        table.append([_printable(str(info[key] or "-"))
+        table.append([printable(str(info[key] or "-"))
                       for key in ("domain", "state", "policy_id", "expires_at", "last_lookup", "failure")])
     _table(table, sys.stdout)
     return 0
@@ -270,14 +269,8 @@ def list_command(args: argparse.Namespace, config: Config) -> int:
 
 def _print_details(info: dict[str, Any]) -> None:
     print(info["domain"])
-    for key, value in info.items():
-        if key in ("domain", "policy_body", "policy_body_encoding"):
-            continue
-        if key == "failure" and value is not None:
-            value = f"{value['kind']}: {value['detail']}"
-        elif isinstance(value, list):
-            value = " ".join(value) if key in ("mx", "mx_hosts") else "; ".join(value)
-        print(f"  {key}: {_printable(str(value)) if value not in (None, [], '') else '-'}")
+    for line in text_lines(info, skip=("domain", "policy_body", "policy_body_encoding")):
+        print(line)
     body = info["policy_body"]
     if body is None:
         print("  policy_body: -")
@@ -286,7 +279,7 @@ def _print_details(info: dict[str, Any]) -> None:
     else:
         print("  policy_body:")
         for line in body.splitlines() or [""]:
-            print(f"    | {_printable(line)}")
+            print(f"    | {printable(line)}")
 
 
 def show_command(args: argparse.Namespace, config: Config) -> int:
@@ -425,6 +418,10 @@ def entry_from_record(record: Any, now: float) -> Entry:
     unknown = sorted(set(record) - set(_RECORD_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}")
+    # A record must say something: a record with only a domain (a hand-edited or truncated file)
+    # would be counted as imported while it stores an entry that knows nothing.
+    if all(record.get(key) in (None, 0) for key in ("policy_body", "negative_until", "failure")):
+        raise ValueError("holds nothing to import: no policy_body, negative_until or failure")
     name = record.get("domain")
     domain = to_alabel(name) if isinstance(name, str) else None
     if domain is None:
@@ -548,7 +545,7 @@ def import_command(args: argparse.Namespace, config: Config) -> int:
         except ValueError as exc:
             invalid += 1
             name = record.get("domain") if isinstance(record, dict) else None
-            _fail(f"invalid record #{number}{f' ({name!r})' if name is not None else ''}: {_printable(str(exc))}")
+            _fail(f"invalid record #{number}{f' ({name!r})' if name is not None else ''}: {printable(str(exc))}")
     counts = {"imported": 0, "kept": 0, "conflict": 0, "failed": 0}
     if args.dry_run:
         print(f"dry run: {len(valid)} valid, {invalid} invalid; nothing written")

@@ -14,12 +14,12 @@ from typing import Any
 
 from . import __version__, cachetool, survey, warm
 from .config import Config, ConfigError, load
-from .daemon import build_resolver, run
+from .daemon import CacheMissing, build_resolver, require_cache, run
 from .listeners import parse_address
 from .names import clean_key
 from .postfix import tls_policy
 from .resolution import Decision, PolicyResolver
-from .views import failure_fields, iso_time, policy_fields
+from .views import failure_fields, iso_time, policy_fields, printable, text_lines
 
 DESCRIPTION = """\
 MTA-STS (RFC 8461) policy daemon for Postfix (socketmap) and Exim (${readsocket}).
@@ -38,8 +38,8 @@ examples:
   mtasts-policyd query gmail.com example.org --json
 postfix main.cf:
   smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix
-exim (see contrib/exim/):
-  ${readsocket{inet:127.0.0.1:8462}{policy $domain\n}{5s}{}{none}}
+exim (see contrib/exim/exim.conf; no fail string: mail defers while the daemon is unreachable):
+  ${readsocket{inet:127.0.0.1:8462}{policy $domain\\n}{5s:cache=yes}{}}
 """
 
 
@@ -87,6 +87,9 @@ def _register_query(sub: Any) -> None:
     parser.add_argument("domains", nargs="+", metavar="DOMAIN")
     parser.add_argument("--json", action="store_true", help="one JSON object per line, per domain")
     parser.add_argument("--map", default=None, help="socketmap name whose answer to show (default: the first)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="ask DNS and HTTPS with an empty in-memory cache; the cache file is neither "
+                             "read nor created (without it, the cache file must exist: the daemon makes it)")
     parser.set_defaults(handler=query)
 
 
@@ -162,7 +165,13 @@ def query(args: argparse.Namespace, config: Config) -> int:
     if name not in maps:
         print(f"mtasts-policyd: no socketmap named {name!r} (have: {', '.join(maps)})", file=sys.stderr)
         return 2
-    resolver = build_resolver(config)
+    if not args.no_cache:
+        try:
+            require_cache(config)
+        except CacheMissing as exc:
+            print(f"mtasts-policyd query: {exc}; or use --no-cache", file=sys.stderr)
+            return 1
+    resolver = build_resolver(config, memory_only=args.no_cache)
     try:
         for key in args.domains:
             domain = clean_key(key)
@@ -175,10 +184,10 @@ def query(args: argparse.Namespace, config: Config) -> int:
             if args.json:
                 print(json.dumps(info))
             else:
-                print(f"{key}: {answer}")
-                for field, value in info.items():
-                    if field not in ("key", "answer") and value not in (None, [], ""):
-                        print(f"  {field}: {value}")
+                print(f"{printable(key)}: {answer}")
+                shown = {field: value for field, value in info.items() if value not in (None, [], "")}
+                for line in text_lines(shown, skip=("key", "answer")):
+                    print(line)
     finally:
         resolver.cache.close()
     return 0

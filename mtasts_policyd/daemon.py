@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -21,9 +22,31 @@ from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
 log = logging.getLogger("mtasts_policyd")
 
 
-def build_resolver(config: Config) -> PolicyResolver:
+class CacheMissing(Exception):
+    """The cache file does not exist and this command does not create one."""
+
+
+def cache_path(config: Config) -> str:
+    return config.cache.path or default_cache_path()
+
+
+def require_cache(config: Config) -> str:
+    """The cache file's path; CacheMissing if it does not exist.
+
+    Only `serve` and `cache import` create the cache. Any other command that found no file would
+    make an empty one where the daemon does not look (a typo in --cache, a wrong --config), work
+    on it, and report success: silently, forever, from cron.
+    """
+    path = cache_path(config)
+    if not os.path.exists(path):
+        raise CacheMissing(f"no cache file at {path} (wrong --cache or --config? `serve` creates it)")
+    return path
+
+
+def build_resolver(config: Config, *, memory_only: bool = False) -> PolicyResolver:
+    """The resolver on the configured cache file, or (memory_only) on an empty cache in memory."""
     discovery = Discovery(config.dns)
-    cache = PolicyCache(config.cache.path or default_cache_path(), config.cache.memory_entries)
+    cache = PolicyCache(None if memory_only else cache_path(config), config.cache.memory_entries)
     return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver,
                           overrides=override_table(config))
 

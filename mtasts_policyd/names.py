@@ -33,7 +33,9 @@ def to_alabel(name: str) -> str | None:
     IDNs are converted with UTS #46 mapping (IDNA 2008), which is what MTAs do for SMTPUTF8
     next hops; names that cannot be converted are not names we can look up.
     """
-    name = name.strip().rstrip(".").lower()
+    name = name.strip().lower()
+    # One trailing dot is the root (an absolute name); "a.." or "a.example...." are not names.
+    name = name[:-1] if name.endswith(".") else name
     if not name or len(name) > 253:
         return None
     if not name.isascii():

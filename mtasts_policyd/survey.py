@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import IO, Any, TypeVar
 
 from .config import Config
-from .daemon import build_resolver
+from .daemon import CacheMissing, build_resolver, require_cache
 from .discovery import Discovery
 from .domainlist import read_domain_list
 from .errors import Failure, FailureKind, MtaStsError, NoRecord
@@ -478,11 +478,13 @@ def write_report(output: IO[str], rows: Sequence[SurveyRow], fmt: str) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     """The `survey` handler: 0 when every domain was surveyed, 2 on a usage error."""
     with contextlib.ExitStack() as stack:
-        try:  # both checked before any network work, so a typo costs nothing
+        try:  # all checked before any network work, so a typo costs nothing
+            if args.update_cache:
+                require_cache(config)  # only `serve` and `cache import` create the cache
             domains = read_domain_list(args.file)
             output = (stack.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
                       if args.output else sys.stdout)
-        except (OSError, ValueError) as exc:  # DomainListError is a ValueError
+        except (OSError, ValueError, CacheMissing) as exc:  # DomainListError is a ValueError
             for problem in str(exc).splitlines():
                 print(f"mtasts-policyd survey: {problem}", file=sys.stderr)
             return 2

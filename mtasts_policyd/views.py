@@ -30,3 +30,33 @@ def failure_fields(failure: Failure | None) -> dict[str, Any] | None:
         return None
     return {"kind": failure.kind.value, "detail": failure.detail,
             "tlsrpt_result_type": failure.kind.tlsrpt_result_type}
+
+
+def printable(text: str) -> str:
+    """Escape control characters: bodies, records and details come from other people's servers."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
+
+
+# Lists of names read best on one line; lists of sentences (warnings) need a clear separator.
+_NAME_LISTS = frozenset({"mx", "mx_hosts"})
+
+
+def text_value(key: str, value: Any) -> str:
+    """One value of a plain-data view as a human reads it: never a Python repr."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict) and "kind" in value:  # a failure (failure_fields)
+        tlsrpt = value.get("tlsrpt_result_type")
+        return f"{value['kind']}: {value.get('detail', '')}" + (f" (TLSRPT {tlsrpt})" if tlsrpt else "")
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {text_value(k, v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return (" " if key in _NAME_LISTS else "; ").join(printable(str(item)) for item in value)
+    return printable(str(value))
+
+
+def text_lines(info: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """`  key: value` lines for every field of a view but `skip`, empty values shown as "-"."""
+    return [f"  {key}: {text_value(key, value)}" for key, value in info.items() if key not in skip]

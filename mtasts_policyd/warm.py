@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from .cache import Entry
 from .config import Config
-from .daemon import build_resolver
+from .daemon import CacheMissing, build_resolver, require_cache
 from .domainlist import DomainListError, read_domain_list
 from .errors import FailureKind
 from .policy import Mode, Policy
@@ -45,6 +45,7 @@ class Outcome(enum.Enum):
     REFRESHED = "refreshed"  # fetched again, same id and policy: max_age restarts (§10.2)
     CHANGED = "changed"  # the cache now holds another policy: new id or content, or a first policy
     UNCHANGED = "unchanged"  # checked, no fetch needed: TXT id unchanged for a fresh copy, or still no policy
+    KEPT = "kept"  # the TXT record is gone or broken: the cached policy stays until it expires (§5.1)
     FAILED = "failed"  # DNS or HTTPS failed; whatever usable policy was cached is kept
     SKIPPED = "skipped"  # not asked: backing off after a recent failure, or overridden in the config
 
@@ -109,7 +110,8 @@ class Summary:
 
     def line(self) -> str:
         counts = ", ".join(f"{o.value} {self.count(o)}" for o in
-                           (Outcome.REFRESHED, Outcome.UNCHANGED, Outcome.CHANGED, Outcome.FAILED, Outcome.SKIPPED))
+                           (Outcome.REFRESHED, Outcome.UNCHANGED, Outcome.CHANGED, Outcome.KEPT, Outcome.FAILED,
+                            Outcome.SKIPPED))
         done = f" (interrupted after {len(self.results)})" if self.interrupted else ""
         return f"warm: {self.total} domains, {counts}, alerts {len(self.alerts)}{done}"
 
@@ -193,14 +195,17 @@ def classify(before: Entry | None, after: Entry, now: float) -> WarmResult:
     failed_now = after.failure is not None and after.failure_at is not None and after.failure_at >= now
     if failed_now and after.failure is not None:
         usable = after.usable_policy(now)
-        if after.failure.kind in (FailureKind.NO_RECORD, FailureKind.INVALID_RECORD) and (
-                usable is None or usable.mode is Mode.NONE):  # no policy, or withdrawn as in §8.3
-            return WarmResult(domain, Outcome.UNCHANGED, f"no policy ({after.failure.kind.value})", after.policy_id,
-                              usable.mode if usable else None)
         detail = str(after.failure)
-        if after.usable_policy(now) is not None:
+        if usable is not None:
             detail += f"; keeping id {after.policy_id} until {_time(after.expires_at)}"
         alerts = _not_refreshed(before, now, str(after.failure)) if before is not None else ()
+        if after.failure.kind in (FailureKind.NO_RECORD, FailureKind.INVALID_RECORD):
+            if usable is None:
+                return WarmResult(domain, Outcome.UNCHANGED, f"no policy ({after.failure.kind.value})")
+            # RFC 8461 §5.1: a vanished or broken TXT record keeps the cached policy, whatever its
+            # mode, until it expires; not a failure (§8.3 withdraws a policy exactly so), but an
+            # enforce policy that will not be refreshed is worth an alert.
+            return WarmResult(domain, Outcome.KEPT, detail, after.policy_id, mode, alerts)
         return WarmResult(domain, Outcome.FAILED, detail, after.policy_id, mode, alerts)
     if after.usable_policy(now) is not None:
         return WarmResult(domain, Outcome.UNCHANGED, f"id {after.policy_id} unchanged", after.policy_id, mode)
@@ -337,6 +342,14 @@ class _Progress:
             self.stream.flush()
 
 
+def _unusable_cache(detail: str) -> int:
+    """A run that cannot work on the daemon's cache: an error alert, the summary line, exit 1."""
+    alert = Alert(AlertKind.ERROR, "-", detail)
+    print(alert.line(), file=sys.stderr)
+    print(Summary(0, run_alerts=[alert]).line())
+    return 1
+
+
 def run_warm(args: argparse.Namespace, config: Config) -> int:
     if args.log_level is None:  # a cron job's mail should hold the summary and alerts, not info logs
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -350,13 +363,14 @@ def run_warm(args: argparse.Namespace, config: Config) -> int:
         return 2
     options = WarmOptions(recent=args.recent * DAY, all_policies=args.all_policies, concurrency=args.concurrency,
                           jitter=args.jitter, force=args.force, refetch_after=args.refetch_after)
+    try:
+        require_cache(config)
+    except CacheMissing as exc:
+        return _unusable_cache(f"{exc}; nothing warmed")
     resolver = build_resolver(config)
     try:
         if not resolver.cache.persistent:
-            alert = Alert(AlertKind.ERROR, "-", f"cache {resolver.cache.path} cannot be opened; nothing warmed")
-            print(alert.line(), file=sys.stderr)
-            print(Summary(0, run_alerts=[alert]).line())
-            return 1
+            return _unusable_cache(f"cache {resolver.cache.path} cannot be opened; nothing warmed")
         domains = select_domains(resolver.cache.entries(), time.time(), options, hints)
         progress = _Progress(sys.stderr)
 

@@ -4,7 +4,6 @@ helpers that publish a domain on them, and a real daemon process started on dema
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import subprocess
 import sys
@@ -69,6 +68,32 @@ class Rig:
             data.setdefault(key, {})
             data[key] = {**data[key], **value} if isinstance(value, dict) else value
         return data
+
+
+def cli_command(*args: str) -> list[str]:
+    """argv of the `mtasts-policyd` command run from this checkout."""
+    return [sys.executable, "-m", "mtasts_policyd", *args]
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `mtasts-policyd ARGS...` to completion, text output captured; never raises on exit status."""
+    return subprocess.run(cli_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          input=input, check=False)
+
+
+def write_config(rig: "Rig", directory: Path, cache: Path | None = None, *, create_cache: bool = True,
+                 name: str | None = None, **extra: object) -> str:
+    """A YAML config on the test servers (see Rig.config) in `directory`; returns its path.
+
+    The cache file exists afterwards, as after the daemon's first start (only `serve` and
+    `cache import` create one); create_cache=False leaves it absent.
+    """
+    cache = cache or directory / "cache.sqlite3"
+    path = directory / (name or f"{cache.stem}.yaml")
+    path.write_text(yaml.safe_dump(rig.config(cache, **extra)))
+    if create_cache:
+        PolicyCache(str(cache)).close()
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from mtasts_policyd.cache import Entry, PolicyCache
-from mtasts_policyd.errors import FailureKind
 from mtasts_policyd.policy import Mode
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"

@@ -5,39 +5,27 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-import yaml
 
 from mtasts_policyd.cache import Entry, PolicyCache
 from mtasts_policyd.errors import Failure, FailureKind
 from mtasts_policyd.policy import parse_policy
-from tests.conftest import ROOT, SocketmapClient
+from tests.conftest import SocketmapClient, write_config
+from tests.conftest import run_cli as run
 
 TESTING = "version: STSv1\nmode: testing\n  mx: mx1.{d}\nmx: mx2.{d} # old\nmax_age: 604800\n"  # two warnings
 NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
 ENFORCE_BODY = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
 
 
-def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, input=input)
-
-
 def run_all(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
     """Independent read-only commands side by side (the suite must stay fast)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(lambda command: run(*command), commands))
-
-
-def write_config(rig, tmp_path, cache_name: str = "cache.sqlite3") -> str:
-    path = tmp_path / f"{cache_name}.yaml"
-    path.write_text(yaml.safe_dump(rig.config(tmp_path / cache_name)))
-    return str(path)
 
 
 def json_lines(text: str) -> list[dict]:
@@ -182,6 +170,8 @@ def test_import_keeps_newer_policies_and_rejects_invalid_records(tmp_path):
         _record("kind.test", "1", now, failure={"kind": "bad-weather", "detail": ""}),
         _record("typo.test", "1", now, fetchd_at=now),
         "not an object",
+        {"domain": "empty.test"},  # nothing to import
+        {"domain": "zeros.test", "negative_until": 0, "failure": None, "policy_body": None},
     ]
     (tmp_path / "in.json").write_text(json.dumps({"format": "mtasts-policyd-cache", "version": 1,
                                                   "entries": entries}))
@@ -189,15 +179,16 @@ def test_import_keeps_newer_policies_and_rejects_invalid_records(tmp_path):
     (tmp_path / "v2.json").write_text(json.dumps({"format": "mtasts-policyd-cache", "version": 2, "entries": []}))
     dry, junk, future = run_all(*[("cache", "import", str(tmp_path / name), "--cache", str(path), "--dry-run")
                                   for name in ("in.json", "junk.json", "v2.json")])
-    assert dry.returncode == 1 and "4 valid, 8 invalid" in dry.stdout  # and nothing written: see below
+    assert dry.returncode == 1 and "4 valid, 10 invalid" in dry.stdout  # and nothing written: see below
     assert junk.returncode == 1 and "is not JSON" in junk.stderr
     assert future.returncode == 1 and "format version 2" in future.stderr
     result = run("cache", "import", str(tmp_path / "in.json"), "--cache", str(path))
     assert result.returncode == 1
-    assert result.stdout.startswith("imported 3, kept 1 ") and "invalid 8" in result.stdout
+    assert result.stdout.startswith("imported 3, kept 1 ") and "invalid 10" in result.stdout
     for number, words in ((5, "not a domain name"), (6, "not a valid policy"), (7, "not UTF-8"), (8, "future"),
                           (9, "is not the id of txt_record"), (10, "unknown failure kind"),
-                          (11, "unknown key(s) fetchd_at"), (12, "not a JSON object")):
+                          (11, "unknown key(s) fetchd_at"), (12, "not a JSON object"),
+                          (13, "holds nothing to import"), (14, "holds nothing to import")):
         assert words in next(line for line in result.stderr.splitlines() if re.search(rf"record #{number}\b", line))
     shown = {r["domain"]: r for r in json_lines(run("cache", "show", "newer.test", "older.test", "fresh.test",
                                                     "negative.test", "--json", "--cache", str(path)).stdout)}

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
-import yaml
-
-from tests.conftest import ROOT, secure
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-
-
-def write_config(rig, tmp_path) -> str:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(rig.config(tmp_path / "cache.sqlite3")))
-    return str(path)
+from tests.conftest import ROOT, secure, write_config
+from tests.conftest import run_cli as run
 
 
 def test_query_json_explains_each_domain(rig, tmp_path):
@@ -66,3 +53,50 @@ def test_help_explains(tmp_path):
     result = run("--help")
     assert result.returncode == 0 and "socketmap" in result.stdout and "query" in result.stdout
     assert "--socketmap" in run("serve", "--help").stdout
+
+
+def test_query_human_output_has_no_python_reprs(rig, tmp_path):
+    domain, broken = rig.domain(), rig.domain()
+    rig.publish(domain)
+    rig.publish(broken, cert="untrusted")
+    result = run("query", "--config", write_config(rig, tmp_path), domain, broken)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"  mx: mx1.{domain} *.mx.{domain}" in lines
+    assert "  usable: yes" in lines
+    failure = next(line for line in lines if line.startswith("  failure: "))
+    assert failure.startswith("  failure: certificate-invalid: certificate of mta-sts.")
+    assert failure.endswith("(TLSRPT sts-webpki-invalid)")
+    assert not any(mark in result.stdout for mark in ("{'", "['", "': ", "None", "True", "False"))
+
+
+def test_commands_other_than_serve_never_create_the_cache(rig, tmp_path):
+    """Only `serve` and `cache import` create a cache file: a typo must fail loudly, not warm nothing."""
+    domain = rig.domain()
+    rig.publish(domain)
+    config = write_config(rig, tmp_path, create_cache=False)
+    typo = tmp_path / "typo.sqlite3"
+    result = run("query", "--config", config, domain)
+    assert result.returncode == 1 and "no cache file at" in result.stderr and "--no-cache" in result.stderr
+    result = run("warm", "--config", config, "--cache", str(typo))
+    assert result.returncode == 1 and "ALERT kind=error" in result.stderr and "no cache file at" in result.stderr
+    listing = tmp_path / "domains.txt"
+    listing.write_text(domain + "\n")
+    result = run("survey", "--config", config, "--update-cache", str(listing))
+    assert result.returncode == 2 and "no cache file at" in result.stderr
+    result = run("cache", "list", "--config", config)
+    assert result.returncode == 1 and "no cache file at" in result.stderr
+    assert not (tmp_path / "cache.sqlite3").exists() and not typo.exists()
+    # --no-cache asks the network with an empty memory cache and still writes no file.
+    result = run("query", "--config", config, "--no-cache", domain)
+    assert result.returncode == 0 and result.stdout.startswith(f"{domain}: OK {secure(domain)}")
+    assert not (tmp_path / "cache.sqlite3").exists()
+
+
+def test_help_exim_example_fails_closed_like_contrib():
+    """The --help example must defer on failure (no fail string) as contrib/exim/exim.conf does."""
+    epilog = run("--help").stdout.split("exim", 1)[1]
+    example = next(line.strip() for line in epilog.splitlines() if "${readsocket" in line)
+    assert example == "${readsocket{inet:127.0.0.1:8462}{policy $domain\\n}{5s:cache=yes}{}}"
+    contrib = (ROOT / "contrib" / "exim" / "exim.conf").read_text()
+    assert "{policy $domain\\n}{5s:cache=yes}{}}" in contrib

@@ -346,7 +346,7 @@ def test_service_files(tmp_path):
         return  # the INI checks above are what we can do here
     for name in ("mtasts-policyd.service", "mtasts-policyd-warm.service", "mtasts-policyd-warm.timer"):
         # ExecStart must name an existing binary for `verify`: point it at this Python.
-        text = (CONTRIB / "systemd" / name).read_text().replace("/usr/local/bin/mtasts-policyd", sys.executable)
+        text = (CONTRIB / "systemd" / name).read_text().replace("/opt/mtasts-policyd/bin/mtasts-policyd", sys.executable)
         (tmp_path / name).write_text(text)
     result = subprocess.run([analyze, "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
                             capture_output=True, text=True, timeout=60)

@@ -23,6 +23,7 @@ def test_keys_cleaned(key, domain):
     "192.0.2.1", "[192.0.2.1]", "[192.0.2.1]:25", "[ipv6:2001:db8::1]", "2001:db8::1",  # §3.4 literals
     "", "   ", "exa mple.com", "a..b", "-a.example", "x_y.example", "foo.123", "a" * 64 + ".example",
     "[unterminated", "[a.example]x", "example.com:port",
+    "bad..", "e1.example......", "example.com..", ".", "..",  # one trailing dot is the root, no more
 ])
 def test_keys_without_policy(key):
     assert clean_key(key) is None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,8 @@ from mtasts_policyd.config import ConfigError, load
 from mtasts_policyd.overrides import OverrideError, make_override
 from mtasts_policyd.policy import Mode
 from mtasts_policyd.resolution import CacheState
-from tests.conftest import ROOT, SocketmapClient, secure
+from tests.conftest import run_cli, write_config
+from tests.conftest import SocketmapClient, secure
 
 
 def test_override_validation():
@@ -95,12 +94,8 @@ def test_sighup_with_broken_config_keeps_running_configuration(rig, start_daemon
 
 def test_query_shows_override(rig, tmp_path):
     domain = rig.domain()
-    data = rig.config(tmp_path / "cache.sqlite3")
-    data["overrides"] = {domain: {"action": "ignore", "reason": "testing the override", "expires": "2099-01-01"}}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(data))
-    result = subprocess.run([sys.executable, "-m", "mtasts_policyd", "query", "--config", str(path), "--json", domain],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    overrides = {domain: {"action": "ignore", "reason": "testing the override", "expires": "2099-01-01"}}
+    result = run_cli("query", "--config", write_config(rig, tmp_path, overrides=overrides), "--json", domain)
     row = json.loads(result.stdout)
     assert row["cache"] == "override" and row["override"]["reason"] == "testing the override"
     assert row["override"]["expires_at"].startswith("2099-01-01")

@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mtasts_policyd.cache import PolicyCache
 from mtasts_policyd.domainlist import parse_domain_list
 from mtasts_policyd.survey import run_bounded
 from tests.conftest import ROOT
+from tests.conftest import run_cli as run
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 604800\n"
 # publish() gives the MX hosts mx1.{d} and a.mx.{d}: this policy forgets the second one.
@@ -48,11 +50,6 @@ class World:
     config: Path
     cache: Path
     domains_file: Path
-
-
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, input=stdin, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +211,8 @@ def test_output_file_and_the_cache_is_never_opened(world, markdown):
 
 def test_update_cache_resolves_through_the_daemon_cache(rig, world, json_report, tmp_path):
     cache = tmp_path / "daemon-cache.sqlite3"
+    PolicyCache(str(cache)).close()  # the daemon's cache: only `serve` creates one
     result = survey(world, "--format", "json", "--update-cache", "--cache", str(cache))
-    assert cache.exists()
     report = json.loads(result.stdout)
     assert report["summary"] == json_report["summary"]  # same outcomes as the direct survey
     e = next(row for row in report["domains"] if row["domain"] == world.d["enforce"])
@@ -268,7 +265,7 @@ def test_usage_errors(world):
 
 
 def test_stdin_and_empty_list(world):
-    result = run("survey", "--config", str(world.config), "--format", "json", "-", stdin="# nothing\n\n")
+    result = run("survey", "--config", str(world.config), "--format", "json", "-", input="# nothing\n\n")
     assert result.returncode == 0
     assert json.loads(result.stdout)["summary"]["domains"] == 0
 

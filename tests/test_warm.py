@@ -10,13 +10,11 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mtasts_policyd.cache import PolicyCache
 from mtasts_policyd.overrides import make_override
@@ -29,7 +27,7 @@ from mtasts_policyd.warm import (
     select_domains,
     warm,
 )
-from tests.conftest import ENFORCE, ROOT, SocketmapClient
+from tests.conftest import ENFORCE, ROOT, SocketmapClient, cli_command, write_config
 
 NOW = WarmOptions(jitter=0)  # in-process runs: no random delays
 WEEK = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 604800\n"
@@ -67,7 +65,7 @@ def test_refresh_before_expiry_restarts_max_age(rig, make_resolver, clock):
     stored = resolver.cache.reload(domain)
     assert stored.policy_id == "1" and stored.fetched_at == clock.now
     assert stored.expires_at == clock.now + 604800  # max_age restarts from this fetch
-    assert summary.line() == "warm: 1 domains, refreshed 1, unchanged 0, changed 0, failed 0, skipped 0, alerts 0"
+    assert summary.line() == "warm: 1 domains, refreshed 1, unchanged 0, changed 0, kept 0, failed 0, skipped 0, alerts 0"
     assert summary.exit_code == 0
     clock.advance(5 * DAY)  # 8 days after the first fetch: only the warmer's fetch keeps it usable
     assert resolver.cache.reload(domain).usable_policy(clock.now) is not None
@@ -135,7 +133,8 @@ def test_failure_never_replaces_or_downgrades_a_good_policy(rig, make_resolver, 
     _break(rig, domain, how)
     try:
         result = warm_one(resolver, domain, clock)
-        assert result.outcome is Outcome.FAILED and kinds(result) == [AlertKind.ENFORCE_NOT_REFRESHED]
+        assert result.outcome is (Outcome.KEPT if how == "record-gone" else Outcome.FAILED)
+        assert kinds(result) == [AlertKind.ENFORCE_NOT_REFRESHED]
         line = result.alerts[0].line()
         assert line.startswith(f"ALERT kind=enforce-not-refreshed domain={domain} detail=id=1 expires ")
         stored = PolicyCache(resolver.cache.path).get(domain)
@@ -154,6 +153,24 @@ def test_failure_never_replaces_or_downgrades_a_good_policy(rig, make_resolver, 
         assert resolver.cache.reload(domain).policy_id == "1"
     finally:
         rig.dns.fault(f"_mta-sts.{domain}", None)
+
+
+@pytest.mark.parametrize("mode", ["enforce", "testing", "none"])
+def test_vanished_record_is_the_same_outcome_for_every_mode(rig, make_resolver, clock, mode):
+    """RFC 8461 §5.1: a vanished TXT record keeps the cached policy whatever its mode: the outcome
+    is `kept` for all three (not a failure: §8.3 withdraws a policy so); only enforce alerts."""
+    domain = rig.domain()
+    body = ENFORCE if mode == "enforce" else TESTING if mode == "testing" else NONE
+    rig.publish(domain, body)
+    resolver = make_resolver()
+    resolver.resolve(domain)
+    clock.advance(2 * 3600)
+    rig.dns.remove(f"_mta-sts.{domain}")
+    result = warm_one(resolver, domain, clock)
+    assert result.outcome is Outcome.KEPT and result.mode is Mode(mode)
+    assert result.detail.startswith("no-record: ") and "keeping id 1 until " in result.detail
+    assert kinds(result) == ([AlertKind.ENFORCE_NOT_REFRESHED] if mode == "enforce" else [])
+    assert resolver.cache.reload(domain).usable_policy(clock.now).mode is Mode(mode)
 
 
 def test_selection_hints_and_cheap_negative_recheck(rig, make_resolver, clock):
@@ -188,14 +205,8 @@ def test_selection_hints_and_cheap_negative_recheck(rig, make_resolver, clock):
 # ----- the command ---------------------------------------------------------------------------------
 
 
-def write_config(rig, tmp_path: Path, cache: Path, **extra: object) -> str:
-    path = tmp_path / f"warm-{cache.stem}.yaml"
-    path.write_text(yaml.safe_dump(rig.config(cache, **extra)))
-    return str(path)
-
-
 def command(config: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "mtasts_policyd", "warm", "--config", config, *args]
+    return cli_command("warm", "--config", config, *args)
 
 
 def run_warm(config: str, *args: str) -> subprocess.CompletedProcess:
@@ -223,12 +234,14 @@ def test_command_hint_list_summary_alerts_and_exit_codes(rig, tmp_path):
     refused = run_warm(config, "--domains", str(hints), "--jitter", "0")
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr == f"mtasts-policyd warm: {hints}:5: not a domain name: 'not a domain'\n"
-    assert not (tmp_path / "cli.sqlite3").exists()  # nothing started
+    untouched = PolicyCache(str(tmp_path / "cli.sqlite3"))
+    assert not list(untouched.entries())  # nothing started
+    untouched.close()
     hints.write_text(f"# big providers\n{good}\n\n{bad.upper()}.  # trailing comment\n{good}\n")
     first = run_warm(config, "--domains", str(hints), "--jitter", "0")
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
-        "warm: 2 domains, refreshed 0, unchanged 0, changed 2, failed 0, skipped 0, alerts 0"]
+        "warm: 2 domains, refreshed 0, unchanged 0, changed 2, kept 0, failed 0, skipped 0, alerts 0"]
     assert "ALERT" not in first.stderr and "\r" not in first.stderr  # no progress without a terminal
     rig.publish(bad, cert="untrusted")
     second = run_warm(config, "--all", "-v", *FAST)
@@ -239,7 +252,7 @@ def test_command_hint_list_summary_alerts_and_exit_codes(rig, tmp_path):
     lines = second.stdout.splitlines()
     assert any(line.startswith(f"warm domain={good} outcome=refreshed id=1 mode=enforce") for line in lines)
     assert any(line.startswith(f"warm domain={bad} outcome=failed id=1 mode=enforce") for line in lines)
-    assert lines[-1] == "warm: 2 domains, refreshed 1, unchanged 0, changed 0, failed 1, skipped 0, alerts 1"
+    assert lines[-1] == "warm: 2 domains, refreshed 1, unchanged 0, changed 0, kept 0, failed 1, skipped 0, alerts 1"
     # Hint-list domains never count as looked up: without --all or the list, nothing is selected.
     third = run_warm(config, "--jitter", "0")
     assert third.returncode == 0 and third.stdout.startswith("warm: 0 domains,")
@@ -414,4 +427,4 @@ def test_withdrawn_policy_is_not_a_failure(rig, make_resolver, clock):
     clock.advance(2 * 3600)
     rig.dns.remove(f"_mta-sts.{domain}")
     result = warm_one(resolver, domain, clock)
-    assert result.outcome is Outcome.UNCHANGED and result.alerts == () and result.mode is Mode.NONE
+    assert result.outcome is Outcome.KEPT and result.alerts == () and result.mode is Mode.NONE
