@@ -12,8 +12,9 @@ What it does (see bench/README.md for the reasoning):
     over /etc/resolv.conf, so the peer's system resolver (aiodns/c-ares) reaches only the test
     DNS server on 127.0.0.1:53, and its HTTPS client only the test policy server on 127.0.0.1:443
     (trusted through SSL_CERT_FILE = the throwaway test CA);
-  * starts the test DNS server and HTTPS policy server (tests/rig) in two separate processes and
-    both daemons at their quiet log level; warms each up (every domain looked up once), checks a
+  * starts the test DNS server and HTTPS policy server (tests/rig) in two separate processes, then
+    for each settings profile (defaults: nothing configured but the listener; tuned: quiet logs
+    and the settings each documents for speed) both daemons; warms each up (every domain once), checks a
     sample of answers exactly, then measures cached lookups at 1/8/64 connections and cold bursts,
     every row --repeat times per daemon, alternating which goes first (medians are printed);
   * stops everything it started (try/finally, SIGALRM lifetime bound, parent-death signal).
@@ -59,16 +60,26 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Domain sets (deterministic, so every process derives the same names from the same numbers)
 # --------------------------------------------------------------------------------------------
 
-def domain_sets(total: int, policy_share: float, cold: int, repeat: int, profile: bool = False) -> dict[str, list[str]]:
+SETTINGS = ("defaults", "tuned")  # how both daemons are configured: see bench/README.md
+
+
+def settings_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return SETTINGS if args.settings == "both" else (args.settings,)
+
+
+def domain_sets(total: int, policy_share: float, cold: int, repeat: int, profile: bool = False,
+                settings: tuple[str, ...] = SETTINGS) -> dict[str, list[str]]:
     n_policy = max(1, round(total * policy_share))
     sets = {
         "none": [f"n{i}.nopolicy.bench.test" for i in range(total - n_policy)],
         "policy": [f"p{i}.policy.bench.test" for i in range(n_policy)],
         "cold-profile": [f"c{i}.cold-profile.bench.test" for i in range(cold if profile else 0)],
     }
-    for name in ("ours", "peer"):  # a fresh set for every cold burst: never seen by anybody
-        for rep in range(repeat):
-            sets[f"cold-{name}-{rep}"] = [f"c{i}.cold-{name}-{rep}.bench.test" for i in range(cold)]
+    for setting in settings:
+        for name in ("ours", "peer"):  # a fresh set for every cold burst: never seen by anybody
+            for rep in range(repeat):
+                tag = f"{setting}-{name}-{rep}"
+                sets[f"cold-{tag}"] = [f"c{i}.cold-{tag}.bench.test" for i in range(cold)]
     return sets
 
 
@@ -405,7 +416,9 @@ class Driver:
         self.args = args
         self.tmp = tmp
         self.children: list[Child] = []
-        self.sets = domain_sets(args.domains, args.policy_share, args.cold, args.repeat, args.profile)
+        self.settings = settings_of(args)
+        self.sets = domain_sets(args.domains, args.policy_share, args.cold, args.repeat, args.profile,
+                                self.settings)
         self.dns: Child | None = None
         self.rig: dict[str, Child] = {}
         self.ca_file = ""
@@ -435,7 +448,7 @@ class Driver:
         a = self.args
         return [sys.executable, str(Path(__file__).resolve()), "--role", role, "--domains", str(a.domains),
                 "--policy-share", str(a.policy_share), "--cold", str(a.cold), "--lifetime", str(a.lifetime),
-                "--repeat", str(a.repeat),
+                "--repeat", str(a.repeat), "--settings", a.settings,
                 *(["--profile"] if a.profile else [])]
 
     def start_rig(self) -> None:
@@ -502,40 +515,47 @@ class Driver:
 
     # ----- daemons -------------------------------------------------------------------------
 
-    def start_ours(self) -> Child:
-        import yaml
-        config = {
-            "dns": {"nameservers": ["127.0.0.1"], "port": 53, "timeout": 2},
-            "fetch": {"ca_file": self.trust_file, "port": 443, "timeout": 5, "connect_timeout": 2},
-            "cache": {"path": str(self.tmp / "ours-cache.sqlite3")},
-            "socketmap": {"listen": [f"127.0.0.1:{OURS_PORT}"]},
-        }
-        for key, value in json.loads(self.args.ours_config or "{}").items():  # e.g. {"workers": 64}
-            config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
-        path = self.tmp / "ours.yaml"
-        path.write_text(yaml.safe_dump(config))
-        argv = [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(path), "--log-level", "warning"]
-        child = Child("ours", argv, log=self.tmp / "ours.log")
+    def start_ours(self, setting: str) -> Child:
+        """defaults: `serve` with no configuration at all (system resolver = the test DNS server through
+        resolv.conf, system trust store = SSL_CERT_FILE, log level info); only the listener and the
+        cache file are placed. tuned: the quiet log level and explicit DNS/trust settings."""
+        argv = [sys.executable, "-m", "mtasts_policyd", "serve", "--socketmap", f"127.0.0.1:{OURS_PORT}",
+                "--cache", str(self.tmp / f"ours-{setting}.sqlite3")]
+        if setting == "tuned":
+            import yaml
+            config: dict = {
+                "dns": {"nameservers": ["127.0.0.1"], "port": 53, "timeout": 2},
+                "fetch": {"ca_file": self.trust_file, "port": 443, "timeout": 5, "connect_timeout": 2},
+            }
+            for key, value in json.loads(self.args.ours_config or "{}").items():  # e.g. {"workers": 64}
+                config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+            path = self.tmp / "ours.yaml"
+            path.write_text(yaml.safe_dump(config))
+            argv += ["--config", str(path), "--log-level", "warning"]
+        child = Child("ours", argv, log=self.tmp / f"ours-{setting}.log",
+                      env=clean_env(SSL_CERT_FILE=self.trust_file))
         self.children.append(child)
         wait_port(OURS_PORT, child.proc, "mtasts-policyd")
         return child
 
-    def start_peer(self) -> Child:
-        config = (
-            f"host: 127.0.0.1\nport: {PEER_PORT}\nreuse_port: true\nshutdown_timeout: 5\n"
-            # cache_grace (default 60 s) is how long a cached policy is used before the *request*
-            # path re-checks DNS; raised so that every cached row really answers from cache.
-            f"cache_grace: {LONG_TTL}\n"
-            "cache:\n  type: internal\n  options:\n    cache_size: 10000\n"
-            "default_zone:\n  strict_testing: false\n  timeout: 4\n"
-            "proactive_policy_fetching:\n  enabled: false\n"
-        )
-        path = self.tmp / "peer.yml"
-        path.write_text(config)
-        argv = [str(self.args.peer_venv / "bin" / "mta-sts-daemon"), "-c", str(path), "-v", "warn"]
+    def start_peer(self, setting: str) -> Child:
+        """defaults: only the listener is configured. tuned: quiet log level, and cache_grace raised so
+        that cached rows never re-check DNS on the request path (its default is 60 s)."""
+        config = f"host: 127.0.0.1\nport: {PEER_PORT}\n"
+        argv = [str(self.args.peer_venv / "bin" / "mta-sts-daemon"), "-c", str(self.tmp / f"peer-{setting}.yml")]
+        if setting == "tuned":
+            config += (
+                "reuse_port: true\nshutdown_timeout: 5\n"
+                f"cache_grace: {LONG_TTL}\n"
+                "cache:\n  type: internal\n  options:\n    cache_size: 10000\n"
+                "default_zone:\n  strict_testing: false\n  timeout: 4\n"
+                "proactive_policy_fetching:\n  enabled: false\n"
+            )
+            argv += ["-v", "warn"]
+        (self.tmp / f"peer-{setting}.yml").write_text(config)
         # SSL_CERT_FILE points OpenSSL's default verify paths (what aiohttp uses) at the test CA.
-        child = Child("peer", argv, log=self.tmp / "peer.log", env=clean_env(SSL_CERT_FILE=self.trust_file,
-                                                                              PYTHONWARNINGS="ignore"))
+        child = Child("peer", argv, log=self.tmp / f"peer-{setting}.log",
+                      env=clean_env(SSL_CERT_FILE=self.trust_file, PYTHONWARNINGS="ignore"))
         self.children.append(child)
         wait_port(PEER_PORT, child.proc, "mta-sts-daemon")
         return child
@@ -655,10 +675,14 @@ class Driver:
         return f"cold burst {self.args.cold} policy, 64 conns"
 
     def bench(self) -> dict:
-        """Both daemons run side by side (the idle one costs nothing); every row is measured
-        --repeat times per daemon, alternating which daemon goes first, so drift hits both alike."""
+        """Per settings (defaults, tuned): both daemons run side by side (the idle one costs nothing);
+        every row is measured --repeat times per daemon, alternating which daemon goes first, so drift
+        hits both alike."""
+        return {setting: self.bench_settings(setting) for setting in self.settings}
+
+    def bench_settings(self, setting: str) -> dict:
         a = self.args
-        daemons = {"ours": (self.start_ours(), OURS_PORT), "peer": (self.start_peer(), PEER_PORT)}
+        daemons = {"ours": (self.start_ours(setting), OURS_PORT), "peer": (self.start_peer(setting), PEER_PORT)}
         results: dict = {name: {"rows": collections.defaultdict(list)} for name in daemons}
         try:
             for name, (child, port) in daemons.items():
@@ -673,11 +697,11 @@ class Driver:
             for rep in range(a.repeat):
                 for name in order if rep % 2 == 0 else order[::-1]:
                     child, port = daemons[name]
-                    cold = self.sets[f"cold-{name}-{rep}"]
+                    cold = self.sets[f"cold-{setting}-{name}-{rep}"]
                     results[name]["rows"][self.cold_label()].append(
                         self.measure(name, child, port, self.cold_label(), cold, [True] * len(cold), 64,
                                      once=True, seed=5))
-            if a.profile:
+            if a.profile and setting == self.settings[-1]:
                 child, port = daemons["ours"]
                 mix, expect = self.mix()
                 policy = self.sets["policy"]
@@ -690,7 +714,7 @@ class Driver:
         finally:
             for name, (child, _) in daemons.items():
                 self.stop_child(child)
-                log_text = (self.tmp / f"{name}.log").read_text(errors="replace")
+                log_text = (self.tmp / f"{name}-{setting}.log").read_text(errors="replace")
                 results[name]["log_lines"] = len(log_text.splitlines())
                 results[name]["log_tail"] = "\n".join(log_text.splitlines()[-5:])
         for name in daemons:
@@ -812,7 +836,6 @@ def summarize_row(reps: list[dict]) -> dict:
 
 def report(args: argparse.Namespace, results: dict, driver: Driver, command: str, peer_python: str,
            started: float) -> None:
-    ours, peer = results["ours"], results["peer"]
     print()
     print("=" * 118)
     print(f"mtasts-policyd vs {PEER_PACKAGE} {PEER_VERSION}  (socketmap, loopback only, same machine, same run)")
@@ -824,11 +847,12 @@ def report(args: argparse.Namespace, results: dict, driver: Driver, command: str
     print(f"python  : ours {platform.python_version()} ({sys.executable}); peer {peer_python} "
           f"({args.peer_venv / 'bin' / 'python'}); stock asyncio loop for both (uvloop not installed)")
     print(f"peer    : {driver.peer_versions}")
-    print("logging : ours --log-level warning; peer -v warn (both at their quiet level)")
-    print(f"caches  : ours SQLite + in-memory LRU (its defaults); peer cache type internal (in-memory LRU), "
-          f"cache_grace {LONG_TTL}s so cached rows never re-check DNS on the request path")
+    print("settings: defaults = both daemons with no configuration but their listener (ours: no config file,\n"
+          "          log level info, system resolver and trust store; peer: host/port only, its default log level,\n"
+          f"          cache and cache_grace 60 s); tuned = ours --log-level warning with dns/fetch settings, peer -v warn,\n"
+          f"          cache internal 10,000, cache_grace {LONG_TTL}s so cached rows never re-check DNS on the request path")
     print(f"trust   : {'test CA only (' + str(args.trust_store) + ')' if args.trust_store == 'test-ca' else 'certifi bundle + test CA (--trust-store full)'}"
-          f" -- ours fetch.ca_file, peer SSL_CERT_FILE")
+          f" -- both through SSL_CERT_FILE (OpenSSL's default verify path); ours also fetch.ca_file when tuned")
     print(f"dns     : test server negative TTL and TXT/A/MX TTL {LONG_TTL}s (nothing expires during the run)")
     print(f"load    : {args.domains} distinct domains ({len(driver.sets['policy'])} enforce-policy, "
           f"{len(driver.sets['none'])} without _mta-sts record = NXDOMAIN); cached rows {args.ramp:g}s ramp + "
@@ -839,6 +863,48 @@ def report(args: argparse.Namespace, results: dict, driver: Driver, command: str
              "warm-up and cold bursts unpinned" if pin else "no CPU pinning"))
     print(f"method  : both daemons warmed up, then each row run {args.repeat}x per daemon, alternating which goes "
           f"first; figures are medians of the {args.repeat} runs (a fresh never-seen domain set per cold burst)")
+    print()
+    for setting, by_daemon in results.items():
+        report_settings(setting, by_daemon["ours"], by_daemon["peer"], driver)
+    if driver.warnings:
+        print("WARNING -- wrong or missing answers; the figures above are not a valid comparison:")
+        for warning in driver.warnings[:40]:
+            print("  WARNING", warning)
+    else:
+        print(f"correctness: every answer of every row checked (enforce-policy domains 'OK secure match=...', others "
+              f"'NOTFOUND '); exact answers for a sample of {min(20, len(driver.sets['policy']))} policy + "
+              f"{min(20, len(driver.sets['none']))} no-policy domains matched for both daemons")
+    ours = results[driver.settings[-1]]["ours"]
+    for key, title in (("profile", "cached mix, 64 conns; event-loop thread"),
+                       ("profile_policy", "cached 100% policy, 64 conns; event-loop thread"),
+                       ("profile_cold", f"cold burst of {args.cold} fresh policy domains; samples holding the GIL, all threads")):
+        if key not in ours:
+            continue
+        prof = ours[key]
+        if "error" in prof:
+            print(f"\nprofile {key}: {prof['error']}")
+            continue
+        summary = prof.get("summary", {})
+        row = prof.get("row", {})
+        print()
+        print(f"profile of ours with py-spy -- extra {title} (not in the table; {row.get('rate', float('nan')):.0f} "
+              f"lookups/s while sampled; {summary.get('samples', 0)} CPU samples"
+              + (", threads: " + ", ".join(f"{n} {c * 100:.0f}%" for n, c in summary.get("threads", []))
+                 if summary.get("threads") else "") + "):")
+        for part in ("self", "inclusive"):
+            print(f"  by {part} time:")
+            for fn, share in summary.get(part, []):
+                print(f"    {share * 100:5.1f}%  {fn}")
+    print()
+    print(f"reproduce: cd {ROOT} && {command}")
+    print(f"total run time {time.monotonic() - started:.0f}s")
+
+
+
+
+def report_settings(setting: str, ours: dict, peer: dict, driver: Driver) -> None:
+    """The table and diagnostics of one settings profile (defaults or tuned)."""
+    print(f"--- settings: {setting} ---")
     print()
     header = (f"{'row':<34}{'ours/s':>9}{'p50ms':>8}{'p99ms':>8}  |{'peer/s':>9}{'p50ms':>8}{'p99ms':>8}  |"
               f" ratio ours/peer:{'/s':>5}{'p50':>7}{'p99':>7}")
@@ -876,37 +942,6 @@ def report(args: argparse.Namespace, results: dict, driver: Driver, command: str
               f"second pass {w['second']['total']} lookups, {w['dns_second']} DNS queries; "
               f"daemon log lines in the whole run: {res['log_lines']}")
     print()
-    if driver.warnings:
-        print("WARNING -- wrong or missing answers; the figures above are not a valid comparison:")
-        for warning in driver.warnings[:40]:
-            print("  WARNING", warning)
-    else:
-        print(f"correctness: every answer of every row checked (enforce-policy domains 'OK secure match=...', others "
-              f"'NOTFOUND '); exact answers for a sample of {min(20, len(driver.sets['policy']))} policy + "
-              f"{min(20, len(driver.sets['none']))} no-policy domains matched for both daemons")
-    for key, title in (("profile", "cached mix, 64 conns; event-loop thread"),
-                       ("profile_policy", "cached 100% policy, 64 conns; event-loop thread"),
-                       ("profile_cold", f"cold burst of {args.cold} fresh policy domains; samples holding the GIL, all threads")):
-        if key not in ours:
-            continue
-        prof = ours[key]
-        if "error" in prof:
-            print(f"\nprofile {key}: {prof['error']}")
-            continue
-        summary = prof.get("summary", {})
-        row = prof.get("row", {})
-        print()
-        print(f"profile of ours with py-spy -- extra {title} (not in the table; {row.get('rate', float('nan')):.0f} "
-              f"lookups/s while sampled; {summary.get('samples', 0)} CPU samples"
-              + (", threads: " + ", ".join(f"{n} {c * 100:.0f}%" for n, c in summary.get("threads", []))
-                 if summary.get("threads") else "") + "):")
-        for part in ("self", "inclusive"):
-            print(f"  by {part} time:")
-            for fn, share in summary.get(part, []):
-                print(f"    {share * 100:5.1f}%  {fn}")
-    print()
-    print(f"reproduce: cd {ROOT} && {command}")
-    print(f"total run time {time.monotonic() - started:.0f}s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -973,7 +1008,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="runs of every row per daemon; medians are shown")
     p.add_argument("--ramp", type=float, default=0.5, help="unmeasured seconds before each cached row")
     p.add_argument("--burst-timeout", type=float, default=120.0, help="bound on one warm-up pass or burst")
-    p.add_argument("--lifetime", type=int, default=480, help="hard bound on the whole run, seconds")
+    p.add_argument("--lifetime", type=int, default=1200, help="hard bound on the whole run, seconds")
+    p.add_argument("--settings", choices=["defaults", "tuned", "both"], default="both",
+                   help="configure both daemons at their defaults, tuned, or run both profiles (default)")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_VENV, help="venv holding the peer (created if missing)")
     p.add_argument("--profile", action="store_true",
                    help="also sample our daemon with py-spy during an extra 64-connection row (installs py-spy "
