@@ -28,7 +28,7 @@ from .config import Config
 from .errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
 from .names import to_alabel
 from .policy import Mode, parse_policy
-from .txt import parse_record
+from .txt import parse_record, valid_id
 from .views import failure_fields, iso_time, policy_fields
 
 EXPORT_FORMAT = "mtasts-policyd-cache"
@@ -437,11 +437,8 @@ def entry_from_record(record: Any, now: float) -> Entry:
             raise ValueError(f"txt_record is not a valid STSv1 record: {exc.detail}") from None
         if policy_id is not None and parsed.id != policy_id:
             raise ValueError(f"policy_id {policy_id!r} is not the id of txt_record ({parsed.id!r})")
-    elif policy_id is not None:
-        try:
-            parse_record(f"v=STSv1; id={policy_id}")
-        except InvalidRecord as exc:
-            raise ValueError(f"policy_id: {exc.detail}") from None
+    elif policy_id is not None and not valid_id(policy_id):
+        raise ValueError(f"policy_id: id is not 1-32 letters and digits: {policy_id[:40]!r} (RFC 8461 §3.1)")
     body_text, encoding = _text_field(record, "policy_body"), record.get("policy_body_encoding", "text")
     body, policy = None, None
     if body_text is not None:
