@@ -267,6 +267,18 @@ def test_wildcard_with_no_matching_mx_gets_an_unmatchable_name(rig, make_resolve
     assert tls_policy(decision, MapOptions()) == f"secure match={NO_MATCHING_MX} servername=hostname"
 
 
+def test_wildcard_over_a_top_level_domain(rig, make_resolver):
+    # RFC 8461 §3.2: "*.test" (like "*.com") is ["*."] Domain, a valid pattern; §4.1: it covers
+    # exactly one label, so of these MX hosts only "mxonly.test" may be used.
+    domain = rig.domain()
+    rig.publish(domain, "version: STSv1\nmode: enforce\nmx: *.test\nmax_age: 86400\n")
+    rig.dns.set(domain, "MX", "10 mxonly.test.", f"20 mx1.{domain}.", "30 a.b.test.")
+    decision = make_resolver().resolve(domain)
+    assert decision.policy.mx == ("*.test",) and decision.policy.warnings == ()
+    assert tls_policy(decision, MapOptions()) == "secure match=mxonly.test servername=hostname"
+    assert tls_policy(decision, MapOptions(exact_wildcards=False)) == "secure match=.test servername=hostname"
+
+
 def test_mx_hosts_followed_within_the_mx_ttl(rig, make_resolver, clock):
     domain = rig.domain()
     rig.publish(domain, WILD, ttl=3600)
