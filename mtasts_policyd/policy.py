@@ -2,7 +2,7 @@
 
 The parser follows the RFC where the RFC says MUST and is lenient where real files differ from
 the ABNF in ways that cannot change their meaning. Every leniency leaves a warning on the policy,
-which `query` prints, so an operator can tell a domain owner what to fix. The full list, with the
+which `query`, `cache show` and `survey` print, so an operator can tell a domain owner what to fix. The full list, with the
 corpus files that motivated each choice, is in the README ("What the parser accepts").
 """
 
