@@ -75,9 +75,18 @@ class Entry:
             return None
         return self.fetched_at + self.policy.max_age
 
-    def usable_policy(self, now: float) -> Policy | None:
+    def usable_policy(self, now: float, *, resolving: bool = False) -> Policy | None:
+        """The policy if it may be applied at `now`: the one home of that rule.
+
+        RFC 8461 §5.1: a policy is used until max_age after its fetch. `resolving`: the caller is
+        the resolution running at `now`, which also applies a policy fetched at `now`, even with
+        max_age 0 (§3.2 allows it: apply the policy, keep it for no time). Answers from the cache
+        never pass it, so such a policy serves the lookups that shared its fetch and no other.
+        """
         expires = self.expires_at
-        return self.policy if expires is not None and now < expires else None
+        if expires is None:
+            return None
+        return self.policy if now < expires or (resolving and self.fetched_at == now) else None
 
 
 def _to_row(e: Entry) -> tuple[object, ...]:

@@ -29,7 +29,7 @@ from .config import Config
 from .errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
 from .names import to_alabel
 from .policy import Mode, parse_policy
-from .txt import parse_record
+from .txt import parse_record, valid_id
 from .views import failure_fields, iso_time, policy_fields, printable, text_lines
 
 EXPORT_FORMAT = "mtasts-policyd-cache"
@@ -418,10 +418,6 @@ def entry_from_record(record: Any, now: float) -> Entry:
     unknown = sorted(set(record) - set(_RECORD_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}")
-    # A record must say something: a record with only a domain (a hand-edited or truncated file)
-    # would be counted as imported while it stores an entry that knows nothing.
-    if all(record.get(key) in (None, 0) for key in ("policy_body", "negative_until", "failure")):
-        raise ValueError("holds nothing to import: no policy_body, negative_until or failure")
     name = record.get("domain")
     domain = to_alabel(name) if isinstance(name, str) else None
     if domain is None:
@@ -434,11 +430,8 @@ def entry_from_record(record: Any, now: float) -> Entry:
             raise ValueError(f"txt_record is not a valid STSv1 record: {exc.detail}") from None
         if policy_id is not None and parsed.id != policy_id:
             raise ValueError(f"policy_id {policy_id!r} is not the id of txt_record ({parsed.id!r})")
-    elif policy_id is not None:
-        try:
-            parse_record(f"v=STSv1; id={policy_id}")
-        except InvalidRecord as exc:
-            raise ValueError(f"policy_id: {exc.detail}") from None
+    elif policy_id is not None and not valid_id(policy_id):
+        raise ValueError(f"policy_id: id is not 1-32 letters and digits: {policy_id[:40]!r} (RFC 8461 §3.1)")
     body_text, encoding = _text_field(record, "policy_body"), record.get("policy_body_encoding", "text")
     body, policy = None, None
     if body_text is not None:
@@ -480,6 +473,10 @@ def entry_from_record(record: Any, now: float) -> Entry:
         if not isinstance(mx_hosts, list) or not all(isinstance(h, str) and to_alabel(h) for h in mx_hosts):
             raise ValueError("mx_hosts must be null or a list of host names")
         mx_hosts = tuple(to_alabel(h) for h in mx_hosts)
+    # A record must say something: a record with only a domain (a hand-edited or truncated file)
+    # would be counted as imported while it stores an entry that knows nothing.
+    if all(record.get(key) in (None, 0) for key in ("policy_body", "negative_until", "failure")):
+        raise ValueError("holds nothing to import: no policy_body, negative_until or failure")
     return Entry(domain, txt_record=txt_record, policy_id=policy_id, policy_body=body, policy=policy,
                  fetched_at=fetched_at, txt_expires_at=_time_field(record, "txt_expires_at"),
                  negative_until=_time_field(record, "negative_until"), failure=failure,

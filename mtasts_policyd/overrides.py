@@ -12,7 +12,7 @@ import datetime
 from dataclasses import dataclass
 
 from .names import to_alabel
-from .policy import Mode, Policy
+from .policy import Mode, Policy, mx_pattern
 
 
 class OverrideError(ValueError):
@@ -56,12 +56,11 @@ def make_override(domain: str, action: str, mx: tuple[str, ...] = (), reason: st
     if action != "enforce":
         raise OverrideError(f"override {name}: action must be ignore or enforce, not {action!r}")
     patterns = []
-    for pattern in mx:
-        wildcard = pattern.startswith("*.")
-        host = to_alabel(pattern[2:] if wildcard else pattern)
-        if host is None:
-            raise OverrideError(f"override {name}: mx {pattern!r} is not a host name pattern")
-        patterns.append(f"*.{host}" if wildcard else host)
+    for value in mx:
+        pattern = mx_pattern(value)  # the policy file's rule (RFC 8461 §3.2), "*.com" included
+        if pattern is None:
+            raise OverrideError(f"override {name}: mx {value!r} is not a host name pattern")
+        patterns.append(pattern)
     if not patterns:
         raise OverrideError(f"override {name}: enforce needs at least one mx pattern")
     try:

@@ -94,9 +94,10 @@ def merge(current: Entry | None, ours: Entry) -> Entry:
 
 
 def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
+    """The decision at `now`; a MISS is the resolution that just ran, which applies what it fetched."""
     return Decision(
         domain=entry.domain,
-        policy=entry.usable_policy(now),
+        policy=entry.usable_policy(now, resolving=cache is CacheState.MISS),
         cache=cache,
         policy_id=entry.policy_id,
         failure=entry.failure,
@@ -237,7 +238,7 @@ class PolicyResolver:
         RFC 8461 §4.1 allows exactly one label; answering with the current MX hosts that match makes
         the answer exact (postfix.py).
         """
-        policy = entry.usable_policy(now)
+        policy = entry.usable_policy(now, resolving=True)
         if policy is None or not policy.has_wildcards or now < entry.mx_expires_at:
             return entry
         s = self.settings

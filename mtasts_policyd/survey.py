@@ -368,8 +368,9 @@ def _policy_cell(row: SurveyRow) -> str:
     if row.policy_failure is not None:
         kept = " (cached policy kept)" if row.policy is not None else ""  # RFC 8461 §5.1
         return _failure_cell(row.policy_failure) + kept
-    if row.policy is not None and row.policy.warnings:
-        return f"ok ({len(row.policy.warnings)} warnings)"
+    if row.policy is not None and row.policy.warnings:  # what the parser forgave, for the owner to fix
+        warnings = row.policy.warnings
+        return f"ok ({len(warnings)} warning{'s' if len(warnings) > 1 else ''}: {'; '.join(warnings)})"
     return "ok" if row.policy is not None else ""
 
 

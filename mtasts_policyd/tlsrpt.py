@@ -12,8 +12,13 @@ What we accept, and why:
 - unknown fields, even malformed ones, are ignored (§3: "unknown fields SHALL be ignored");
 - "v=TLSRPTv1" with nothing after it is taken as a TLSRPT record that lacks `rua` (invalid),
   not as no record at all, so the survey can say what is wrong with it (txt.py does the same).
+- several `rua=` fields: the ABNF (`1*(field-delim tlsrpt-field)`, tlsrpt-field = tlsrpt-rua /
+  tlsrpt-extension) allows them and §3 says the record "supports the ability to declare more
+  than one rua" and that a reporter "MAY attempt to deliver to each". So the URIs of every rua
+  field count, in record order (a URI listed twice counts once): a reporter sends to each of
+  them, and taking only the first field would silently drop destinations the owner asked for.
 What we reject, because no reporter could deliver to it:
-- no `rua=`, or more than one (the ABNF gives rua one list; two would be ambiguous);
+- no `rua=` at all;
 - a URI that is empty, not RFC 3986 characters (unfilled templates such as `<your_domain>` or
   `${var}`), holds a raw "!" (§3: "," "!" ";" MUST be percent-encoded; DMARC's "!10m" size
   suffix does not exist in TLSRPT), has another scheme than mailto/https (§3), or has no
@@ -96,9 +101,9 @@ def parse_record(text: str) -> TlsRptRecord:
             extensions.append((name, value))
     if not ruas:
         raise InvalidRecord("record has no rua= field (RFC 8460 §3: rua is required)")
-    if len(ruas) > 1:
-        raise InvalidRecord("record has more than one rua= field; list URIs in one, comma-separated")
-    return TlsRptRecord(split_rua(ruas[0]), tuple(extensions), text)
+    # RFC 8460 §3: every rua field is a destination list; all of them, in order (module docstring).
+    uris = dict.fromkeys(uri for value in ruas for uri in split_rua(value))
+    return TlsRptRecord(tuple(uris), tuple(extensions), text)
 
 
 def split_rua(value: str) -> tuple[str, ...]:

@@ -10,8 +10,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import pytest
 
 from mtasts_policyd.cache import Entry, PolicyCache
+from mtasts_policyd.cachetool import entry_from_record
 from mtasts_policyd.errors import Failure, FailureKind
 from mtasts_policyd.policy import parse_policy
 from tests.conftest import SocketmapClient, write_config
@@ -195,6 +197,17 @@ def test_import_keeps_newer_policies_and_rejects_invalid_records(tmp_path):
     assert shown["newer.test"]["policy_id"] == "2" and shown["older.test"]["policy_id"] == "3"
     assert shown["fresh.test"]["state"] == "enforce" and shown["negative.test"]["state"] == "no-policy"
     assert run("cache", "show", "enforced.test", "--cache", str(path)).returncode == 1
+
+
+def test_import_checks_a_bare_policy_id_as_an_id():
+    # RFC 8461 §3.1: an id is 1-32 letters and digits. A policy_id without txt_record is checked
+    # alone, not spliced into a record where ";id=2" would become a second, ignored field.
+    now = time.time()
+    failure = {"kind": "fetch-error", "detail": "x"}
+    assert entry_from_record({"domain": "a.test", "policy_id": "abc1", "failure": failure}, now).policy_id == "abc1"
+    for bad in ("1;id=2", "1 x", "", "a-b"):
+        with pytest.raises(ValueError, match="policy_id: id is not 1-32 letters and digits"):
+            entry_from_record({"domain": "a.test", "policy_id": bad}, now)
 
 
 def test_forget_takes_effect_in_a_running_daemon(rig, start_daemon, tmp_path):

@@ -40,6 +40,22 @@ def test_query_second_time_is_a_cache_hit(rig, tmp_path):
     assert len(rig.https.requests) == before
 
 
+def test_query_shows_a_max_age_zero_policy_and_warnings(rig, tmp_path):
+    # RFC 8461 §3.2: max_age 0. query resolves like the daemon: the fetch applies the policy (the
+    # answer is OK) and it expires at its fetch time. Parser warnings are shown in both formats.
+    domain = rig.domain()
+    rig.publish(domain, "# generated\nversion: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 0\n\n")
+    config = write_config(rig, tmp_path)
+    row = json.loads(run("query", "--config", config, "--json", domain).stdout)
+    assert row["answer"] == "OK " + secure(domain) and row["cache"] == "miss" and row["usable"] is True
+    assert row["max_age"] == 0 and row["expires_at"] == row["fetched_at"]
+    assert row["warnings"] == ["line 1: comment line ignored", "line 7: empty line at the end ignored"]
+    text = run("query", "--config", config, domain).stdout
+    assert text.splitlines()[0] == f"{domain}: OK {secure(domain)}"  # fetched again: nothing cached
+    assert "  warnings: line 1: comment line ignored; line 7: empty line at the end ignored" in text.splitlines()
+    assert rig.https.count(domain) == 2
+
+
 def test_usage_errors_exit_nonzero(tmp_path):
     assert run("query").returncode == 2
     assert run("serve", "--socketmap", "nonsense").returncode == 2

@@ -171,8 +171,10 @@ def test_two_stsv1_records_are_invalid(rig, discovery: Discovery) -> None:
         pytest.param("v=STSv1; id=abc.123", id="id-with-dot"),
         pytest.param("v=STSv1; id=" + "a" * 33, id="id-of-33"),
         pytest.param("v=STSv1; id=", id="empty-id"),
-        pytest.param("v=STSv1; id=1; id=2", id="two-ids"),
         pytest.param("v=STSv1 id=x", id="no-semicolon"),
+        pytest.param("v=STSv1; id=1;;", id="double-semicolon"),
+        pytest.param("v=STSv1; id=1 ", id="trailing-whitespace"),
+        pytest.param("v=STSv1; id=1; preload", id="field-without-equals"),
         pytest.param("v=STSv1; id=1; note=caf\u00e9", id="not-us-ascii"),
     ],
 )
@@ -188,6 +190,15 @@ def test_malformed_record_is_invalid(rig, discovery: Discovery, text: str) -> No
 
     assert caught.value.kind is FailureKind.INVALID_RECORD
     assert caught.value.ttl == 300
+
+
+def test_duplicate_id_first_wins_and_stray_lookalike_is_discarded(rig, discovery: Discovery) -> None:
+    """RFC 8461 §3.1: a field given twice is valid syntax (the first occurrence wins), and a
+    "v=STSv1" not followed by ";" is discarded before the records are counted."""
+    domain = rig.domain()
+    rig.dns.set(f"_mta-sts.{domain}", "TXT", "v=STSv1", "v=STSv1; id=1; id=2", ttl=300)
+
+    assert discovery.sts_record(domain).record.id == "1"
 
 
 def test_version_is_case_sensitive(rig, discovery: Discovery) -> None:

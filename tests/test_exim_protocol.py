@@ -64,6 +64,18 @@ def test_mx_match_is_exact_rfc_8461(rig, daemon):
     assert exchange(port, f"mx {rig.domain()} mx1.x.test\n".encode()) == b"none\n"
 
 
+def test_max_age_zero_policy_applies_to_each_request(rig, daemon):
+    # RFC 8461 §3.2: max_age 0. Every request fetches and applies the policy, so Exim's router
+    # ("policy") and its transport ("mx", per host) both see it.
+    domain = rig.domain()
+    rig.publish(domain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 0\n")
+    port = daemon.exim_port
+    assert exchange(port, f"policy {domain}\n".encode()) == f"enforce mx1.{domain}\n".encode()
+    assert exchange(port, f"mx {domain} mx1.{domain}\n".encode()) == b"match\n"
+    assert exchange(port, f"mx {domain} a.mx.{domain}\n".encode()) == b"nomatch\n"
+    assert rig.https.count(domain) == 3
+
+
 @pytest.mark.parametrize("request_bytes,reply", [
     (b"\n", b"error empty request\n"),
     (b"   \n", b"error empty request\n"),

@@ -29,6 +29,16 @@ def test_override_validation():
         make_override("example.com", "ignore", reason="x", expires="next week")
 
 
+def test_override_mx_patterns_follow_the_policy_rule():
+    # RFC 8461 §3.2: ["*."] Domain, so "*.com" is a pattern; §4.1: it matches exactly one label.
+    override = make_override("example.com", "enforce", ("*.COM.", "mx.example.net"), "pinned")
+    assert override.policy.mx == ("*.com", "mx.example.net")
+    assert override.policy.matches("example.com") and not override.policy.matches("a.example.com")
+    for bad in ("*.", "192.0.2.1", "mx.example.com mx2.example.com", "mx.example.com\u2028"):
+        with pytest.raises(OverrideError, match="not a host name pattern"):
+            make_override("example.com", "enforce", (bad,), "pinned")
+
+
 def test_config_errors_name_the_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("overrides:\n  example.com: {action: enforce, reason: x}\n")

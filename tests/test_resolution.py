@@ -6,11 +6,14 @@ servers' request counters show exactly when the network was used.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from mtasts_policyd.errors import FailureKind
 from mtasts_policyd.policy import Mode
-from mtasts_policyd.resolution import CacheState
+from mtasts_policyd.resolution import CacheState, Decision
+from mtasts_policyd.service import PolicyService
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
 NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
@@ -45,6 +48,69 @@ def test_policy_used_until_max_age_then_not(rig, make_resolver, clock):
     decision, _ = resolver.cached(domain)
     assert decision.mode is Mode.ENFORCE
     clock.advance(1)
+    assert resolver.cached(domain) == (None, False)
+
+
+ZERO = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 0\n"
+
+
+def test_max_age_zero_applies_to_the_lookup_that_fetched_it_and_is_never_cached(rig, make_resolver, clock):
+    # RFC 8461 §3.2: max_age 0 is valid; §5.1 keeps a policy for max_age, i.e. not at all. The
+    # resolution that fetched it applies it (an enforce answer, with the MX hosts for "*."), and
+    # every later lookup asks again: nothing is answered from the cache, not even at once.
+    domain = rig.domain()
+    rig.publish(domain, ZERO)
+    resolver = make_resolver()
+    decision = resolver.resolve(domain)
+    assert decision.cache is CacheState.MISS and decision.mode is Mode.ENFORCE and decision.policy.max_age == 0
+    assert decision.expires_at == decision.fetched_at
+    assert tls_policy(decision, MapOptions()) == f"secure match=mx1.{domain}:a.mx.{domain} servername=hostname"
+    assert resolver.cached(domain) == (None, False)
+    clock.advance(1)
+    assert resolver.cached(domain) == (None, False)
+    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert rig.https.count(domain) == 2
+    # The next fetch fails: the policy that was applied once is not brought back from the cache.
+    rig.https.set_policy(domain, ZERO.format(d=domain), status=503)
+    clock.advance(1)
+    failed = resolver.resolve(domain)
+    assert failed.policy is None and failed.failure.kind is FailureKind.FETCH_ERROR
+    assert resolver.cached(domain)[0].cache is CacheState.BACKOFF
+
+
+def test_max_age_zero_concurrent_lookups_share_the_fetch_and_its_policy(rig, make_resolver):
+    # The daemon's single flight: lookups that arrive while the fetch runs share its decision, so
+    # each of them applies the policy; a lookup after it fetches again (PolicyService over the rig).
+    domain = rig.domain()
+    rig.publish(domain, ZERO, delay=0.3)
+    service = PolicyService(make_resolver(), workers=2)
+
+    async def lookups() -> tuple[list[Decision], Decision]:
+        # gather starts every lookup before the loop can see the fetch finish: all share one flight.
+        together = await asyncio.wait_for(asyncio.gather(*(service.lookup(domain) for _ in range(10))), 30)
+        return list(together), await asyncio.wait_for(service.lookup(domain), 30)
+
+    try:
+        together, later = asyncio.run(lookups())
+    finally:
+        service.close()
+    assert len({id(decision) for decision in together}) == 1
+    assert together[0].mode is Mode.ENFORCE and together[0].cache is CacheState.MISS
+    assert later.mode is Mode.ENFORCE and later is not together[0]
+    assert rig.https.count(domain) == 2
+
+
+def test_max_age_zero_replacing_a_kept_policy(rig, make_resolver, clock):
+    # A new id whose policy has max_age 0 replaces the cached one (its owner's choice, §3.3) and is
+    # applied by that resolution; after it, nothing is cached for the domain.
+    domain = rig.domain()
+    rig.publish(domain, ttl=60)
+    resolver = make_resolver()
+    resolver.resolve(domain)
+    rig.publish(domain, ZERO.replace("enforce", "testing"), id="2", ttl=60)
+    clock.advance(61)
+    decision = resolver.resolve(domain)
+    assert decision.mode is Mode.TESTING and decision.policy_id == "2"
     assert resolver.cached(domain) == (None, False)
 
 
@@ -265,6 +331,18 @@ def test_wildcard_with_no_matching_mx_gets_an_unmatchable_name(rig, make_resolve
     rig.dns.set(domain, "MX", f"10 a.b.mx.{domain}.")
     decision = make_resolver().resolve(domain)
     assert tls_policy(decision, MapOptions()) == f"secure match={NO_MATCHING_MX} servername=hostname"
+
+
+def test_wildcard_over_a_top_level_domain(rig, make_resolver):
+    # RFC 8461 §3.2: "*.test" (like "*.com") is ["*."] Domain, a valid pattern; §4.1: it covers
+    # exactly one label, so of these MX hosts only "mxonly.test" may be used.
+    domain = rig.domain()
+    rig.publish(domain, "version: STSv1\nmode: enforce\nmx: *.test\nmax_age: 86400\n")
+    rig.dns.set(domain, "MX", "10 mxonly.test.", f"20 mx1.{domain}.", "30 a.b.test.")
+    decision = make_resolver().resolve(domain)
+    assert decision.policy.mx == ("*.test",) and decision.policy.warnings == ()
+    assert tls_policy(decision, MapOptions()) == "secure match=mxonly.test servername=hostname"
+    assert tls_policy(decision, MapOptions(exact_wildcards=False)) == "secure match=.test servername=hostname"
 
 
 def test_mx_hosts_followed_within_the_mx_ttl(rig, make_resolver, clock):

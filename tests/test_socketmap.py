@@ -65,6 +65,17 @@ def test_testing_none_and_no_policy_are_notfound(rig, daemon):
     assert client.ask(nothing) == "NOTFOUND "
 
 
+def test_max_age_zero_enforce_policy_is_answered_and_fetched_per_lookup(rig, daemon):
+    # RFC 8461 §3.2: max_age 0 is valid. Each lookup applies the policy its own fetch brought
+    # (Postfix gets the enforce answer every time); none is answered from the cache.
+    domain = rig.domain()
+    rig.publish(domain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 0\n")
+    client = SocketmapClient(daemon.port)
+    assert client.ask(domain) == "OK " + secure(domain)
+    assert client.ask(domain) == "OK " + secure(domain)
+    assert rig.https.count(domain) == 2
+
+
 def test_keys_that_cannot_have_a_policy(rig, daemon):
     # RFC 8461 §3.4: no parent-domain policies (Postfix asks ".example.com"), no address literals.
     domain = rig.domain()

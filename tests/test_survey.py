@@ -34,13 +34,16 @@ TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 60
 MISMATCH = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
 NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
 ENFORCED = "version: STSv1\nmode: enforced\nmx: mx1.{d}\nmax_age: 86400\n"  # corpus typo: invalid
+# Accepted with two warnings (a comment line, an empty line at the end), as in corpus 0100/0141.
+QUIRKS = "# managed by hand\nversion: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n\n"
+QUIRK_WARNINGS = ["line 1: comment line ignored", "line 7: empty line at the end ignored"]
 
 ROLES = ("enforce", "testing", "mismatch", "none", "norecord", "badtxt", "servfail", "notfound",
-         "nohost", "untrusted", "badpolicy")
+         "nohost", "untrusted", "badpolicy", "quirks", "txtspace")
 # What the summary must count for ROLES (each domain exactly once among the outcomes).
-OUTCOMES = {"enforce": 2, "testing": 1, "none": 1, "no-record": 1, "invalid-record": 1, "dns-temporary": 1,
+OUTCOMES = {"enforce": 3, "testing": 1, "none": 1, "no-record": 1, "invalid-record": 2, "dns-temporary": 1,
             "fetch-error": 2, "invalid-policy": 1, "certificate-invalid": 1}
-TLSRPT = {"valid": 2, "no-record": 8, "invalid-record": 1, "dns-temporary": 0}
+TLSRPT = {"valid": 2, "no-record": 10, "invalid-record": 1, "dns-temporary": 0}
 
 
 @dataclass
@@ -72,6 +75,8 @@ def world(rig, tmp_path_factory) -> World:
     rig.dns.remove(f"mta-sts.{d['nohost']}")
     rig.publish(d["untrusted"], cert="untrusted")
     rig.publish(d["badpolicy"], ENFORCED)
+    rig.publish(d["quirks"], QUIRKS)
+    rig.dns.set(f"_mta-sts.{d['txtspace']}", "TXT", "v=STSv1; id=1 ")  # RFC 8461 §3.1: trailing WSP
     cache = tmp / "cache.sqlite3"
     config = tmp / "config.yaml"
     config.write_text(yaml.safe_dump(rig.config(cache)))
@@ -126,13 +131,17 @@ def test_markdown_table(world, markdown):
     assert rows[m][3:7] == ["enforce", f"mx1.{m}", "86400", f"no: a.mx.{m}"]
     assert rows[d["none"]][2:8] == ["ok", "none", "-", "86400", "-", "no-record"]
     assert rows[d["norecord"]][1:] == ["no-record", "-", "-", "-", "-", "-", "no-record"]
-    assert rows[d["badtxt"]][1] == "invalid-record: id is not 1-32 letters and digits: '2025-11-09'"
+    assert rows[d["badtxt"]][1] == "invalid-record: id is not 1-32 letters and digits: '2025-11-09' (RFC 8461 §3.1)"
     assert rows[d["badtxt"]][2:] == ["-", "-", "-", "-", "-", f"mailto:tls@{d['badtxt']}"]
     assert rows[d["servfail"]][1].startswith(f"dns-temporary: _mta-sts.{d['servfail']}. TXT")
     assert rows[d["notfound"]][2] == f"fetch-error: GET mta-sts.{d['notfound']} answered HTTP 404"
     assert rows[d["nohost"]][2].startswith(f"fetch-error: policy host mta-sts.{d['nohost']} does not resolve")
     assert rows[d["untrusted"]][2].startswith(f"certificate-invalid: certificate of mta-sts.{d['untrusted']}")
     assert rows[d["badpolicy"]][2] == "invalid-policy: mode must be enforce, testing or none, not 'enforced'"
+    # Every leniency is shown, and a broken record names the rule it breaks.
+    assert rows[d["quirks"]][2:4] == [f"ok (2 warnings: {'; '.join(QUIRK_WARNINGS)})", "enforce"]
+    assert rows[d["txtspace"]][1] == ("invalid-record: whitespace at the end of the record after 'id=1' "
+                                      "(RFC 8461 §3.1: whitespace only around ';')")
     for role in ("notfound", "nohost", "untrusted", "badpolicy"):
         assert rows[d[role]][1] == "v=STSv1; id=1" and rows[d[role]][3:7] == ["-"] * 4
 
@@ -165,11 +174,13 @@ def test_json_report(world, json_report):
     expected = {"badtxt": ("txt_failure", "invalid-record"), "servfail": ("txt_failure", "dns-temporary"),
                 "notfound": ("policy_failure", "fetch-error"), "nohost": ("policy_failure", "fetch-error"),
                 "untrusted": ("policy_failure", "certificate-invalid"),
-                "badpolicy": ("policy_failure", "invalid-policy")}
+                "badpolicy": ("policy_failure", "invalid-policy"), "txtspace": ("txt_failure", "invalid-record")}
     for role, (field, kind) in expected.items():
         row = rows[d[role]]
         assert row[field]["kind"] == kind and row[field]["detail"], role
         assert row["outcome"] == kind and row["mode"] is None and row["mx_hosts"] is None
+    assert rows[d["quirks"]]["policy_warnings"] == QUIRK_WARNINGS and rows[d["enforce"]]["policy_warnings"] == []
+    assert "whitespace at the end" in rows[d["txtspace"]]["txt_failure"]["detail"]
     assert json_report["summary"] == {"domains": len(ROLES), "outcomes": {**OUTCOMES}, "mx_mismatch": 1,
                                       "tlsrpt": TLSRPT}
 
@@ -184,6 +195,8 @@ def test_csv_report_and_summary_on_stderr(world, json_report):
         "enforce", "valid", "ok", "enforce", f"mx1.{world.d['mismatch']}", "86400")
     assert m["mx_hosts"] == f"mx1.{world.d['mismatch']} a.mx.{world.d['mismatch']}"
     assert (m["mx_match"], m["mx_unmatched"], m["tlsrpt"]) == ("no", f"a.mx.{world.d['mismatch']}", "no-record")
+    assert by_domain[world.d["quirks"]]["policy_warnings"] == "; ".join(QUIRK_WARNINGS)
+    assert by_domain[world.d["txtspace"]]["txt_detail"].startswith("whitespace at the end of the record")
     e = by_domain[world.d["enforce"]]
     assert e["tlsrpt_rua"] == f"mailto:tls@{world.d['enforce']} https://reports.{world.d['enforce']}/tlsrpt"
     # Every format reports the same thing.

@@ -49,6 +49,16 @@ def test_unknown_fields_ignored():
     assert record.extensions == (("ext.1", "x"), ("RUA", "mailto:b@example.com"))
 
 
+def test_repeated_rua_fields_are_all_used():
+    # RFC 8460 §3: tlsrpt-field = tlsrpt-rua / tlsrpt-extension, repeated as 1*(field-delim tlsrpt-field):
+    # two rua fields are valid ABNF. A reporter may deliver to each destination: all URIs, in order.
+    record = parse_tlsrpt([b"v=TLSRPTv1; rua=mailto:a@example.com; x=1; rua=https://r.example.net/,"
+                           b"mailto:b@example.org; rua=mailto:a@example.com"])
+    assert record.rua == ("mailto:a@example.com", "https://r.example.net/", "mailto:b@example.org")
+    assert record.schemes == ("mailto", "https", "mailto")
+    assert record.extensions == (("x", "1"),)
+
+
 def test_scheme_is_case_insensitive_and_kept_as_written():
     # RFC 3986 §3.1: schemes compare case-insensitively.
     record = parse_tlsrpt([b"v=TLSRPTv1; rua=MAILTO:a@example.com,HTTPS://r.example.net/"])
@@ -82,7 +92,8 @@ def test_two_records_mean_no_tlsrpt():
     ("v=TLSRPTv1;", "no rua"),
     ("v=TLSRPTv1", "no rua"),
     ("v=TLSRPTv1; rua=", "empty"),
-    ("v=TLSRPTv1; rua=mailto:a@example.com; rua=mailto:b@example.com", "more than one rua"),
+    ("v=TLSRPTv1; rua=mailto:a@example.com; rua=", "empty"),  # every rua field must be usable
+    ("v=TLSRPTv1; rua=mailto:a@example.com; rua=http://r.example.net/", "not mailto or https"),
     ("v=TLSRPTv1; rua=mailto:a@example.com,", "empty URI"),
     ("v=TLSRPTv1; rua=mailto:", "no mail address"),
     ("v=TLSRPTv1; rua=mailto:example.com", "no mail address"),
