@@ -152,6 +152,7 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
         "failure": failure_fields(decision.failure),
         "retry_after": iso_time(entry.retry_after) if entry else None,
         "warnings": list(shown.warnings) if shown else [],
+        "trust_store": resolver.trust.fields(),  # what verifies (or verified) the policy host
     })
     return result
 
@@ -177,8 +178,12 @@ def query(args: argparse.Namespace, config: Config) -> int:
             else:
                 print(f"{key}: {answer}")
                 for field, value in info.items():
+                    if field == "trust_store":
+                        value = resolver.trust
                     if field not in ("key", "answer") and value not in (None, [], ""):
                         print(f"  {field}: {value}")
+                for note in info.get("trust_store", {}).get("notes", []):
+                    print(f"  trust_store_note: {note}")
     finally:
         resolver.cache.close()
     return 0

@@ -123,18 +123,20 @@ def free_port() -> int:
 class Daemon:
     """A real `mtasts-policyd serve` process."""
 
-    config_path: Path
+    config_path: Path | None  # None: no --config, the embedded defaults
     port: int
     log_path: Path
     exim_port: int | None = None
     process: subprocess.Popen | None = None
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None  # None: this process's environment
 
     def start(self) -> "Daemon":
         self.log = open(self.log_path, "ab")
+        config = [] if self.config_path is None else ["--config", str(self.config_path)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(self.config_path), *self.args],
-            cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "mtasts_policyd", "serve", *config, *self.args],
+            cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
