@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, cachetool, survey, warm
+from . import __version__, cachetool, doctor, survey, warm
 from .config import Config, ConfigError, load
 from .daemon import build_resolver, run
 from .listeners import parse_address
@@ -92,7 +92,8 @@ def _register_query(sub: Any) -> None:
 
 # Each subcommand module contributes one register(subparsers) function; the parser it adds sets
 # `handler(args, config) -> exit code`.
-COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cachetool.register, warm.register]
+COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cachetool.register,
+                                         warm.register, doctor.register]
 
 
 def make_parser() -> argparse.ArgumentParser:

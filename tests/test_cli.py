@@ -79,3 +79,4 @@ def test_help_explains(tmp_path):
     result = run("--help")
     assert result.returncode == 0 and "socketmap" in result.stdout and "query" in result.stdout
     assert "--socketmap" in run("serve", "--help").stdout
+    assert "doctor" in result.stdout and "--postconf-dir" in run("doctor", "--help").stdout
