@@ -173,6 +173,8 @@ def start_daemon(rig: Rig, tmp_path: Path):
         data = rig.config(cache_path or tmp_path / "cache.sqlite3", **extra)
         data.setdefault("socketmap", {}).setdefault("listen", [f"127.0.0.1:{port}"])
         exim_port = free_port()
+        while exim_port == port:  # both are free until the daemon binds them: the kernel may hand out one twice
+            exim_port = free_port()
         data.setdefault("exim", {}).setdefault("listen", [f"127.0.0.1:{exim_port}"])
         path = tmp_path / f"config{len(running)}.yaml"
         path.write_text(yaml.safe_dump(data))
