@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, cachetool, survey, warm
+from . import __version__, cachetool, doctor, survey, warm
 from .config import Config, ConfigError, load
 from .daemon import CacheMissing, build_resolver, require_cache, run
 from .listeners import parse_address
@@ -95,7 +95,8 @@ def _register_query(sub: Any) -> None:
 
 # Each subcommand module contributes one register(subparsers) function; the parser it adds sets
 # `handler(args, config) -> exit code`.
-COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cachetool.register, warm.register]
+COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cachetool.register,
+                                         warm.register, doctor.register]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -155,6 +156,7 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
         "failure": failure_fields(decision.failure),
         "retry_after": iso_time(entry.retry_after) if entry else None,
         "warnings": list(shown.warnings) if shown else [],
+        "trust_store": resolver.trust.fields(),  # what verifies (or verified) the policy host
     })
     return result
 
@@ -186,8 +188,12 @@ def query(args: argparse.Namespace, config: Config) -> int:
             else:
                 print(f"{printable(key)}: {answer}")
                 shown = {field: value for field, value in info.items() if value not in (None, [], "")}
+                if "trust_store" in shown:
+                    shown["trust_store"] = str(resolver.trust)  # one line: kind, files, number of CAs
                 for line in text_lines(shown, skip=("key", "answer")):
                     print(line)
+                for note in info.get("trust_store", {}).get("notes", []):
+                    print(f"  trust_store_note: {printable(note)}")
     finally:
         resolver.cache.close()
     return 0

@@ -100,6 +100,9 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         log.info("listening metrics=%s", address)
     log.info("socketmap names: %s", ", ".join(sorted(front.settings.maps)))
     log.info("cache path=%s persistent=%s", resolver.cache.path, resolver.cache.persistent)
+    log.info("trust store=%s", resolver.trust)
+    for note in resolver.trust.notes:
+        log.warning("trust store note: %s", note)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -137,6 +137,11 @@ class Discovery:
         assert failure is not None
         raise failure
 
+    def root_servers(self) -> list[str]:
+        """The root zone's NS names: `doctor`'s proof that the configured resolver answers at all
+        (NoRecord is an answer too; DnsTemporaryFailure is not)."""
+        return [rdata.target.to_text() for rdata in self._query(".", "NS")]
+
     def mx_hosts(self, domain: str) -> tuple[list[str], int]:
         """MX host names in preference order (RFC 5321 §5.1), and how long the answer may be kept."""
         answer = self._query(f"{domain}.", "MX")

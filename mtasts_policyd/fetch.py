@@ -14,17 +14,17 @@ from typing import Any
 
 import requests
 import requests.adapters
-import requests.certs
 
 from .discovery import Discovery
 from .errors import CertificateInvalid, FetchError, MtaStsError
+from .truststore import TrustStore, trust_store
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 
 
 @dataclass(frozen=True)
 class FetchSettings:
-    ca_file: str | None = None  # None: requests' bundle (certifi)
+    ca_file: str | None = None  # None: the machine's trust store (truststore.py)
     connect_timeout: float = 10.0
     timeout: float = 20.0  # RFC 8461 §3.3 allows a limit; the whole GET must end within it
     max_size: int = 65536  # RFC 8461 §3.3: 64 KiB suggested
@@ -39,7 +39,8 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
     """Connects to the URL's address, but sends SNI and checks the certificate for `hostname`.
 
     The TLS context is the fetcher's, built once: loading a CA bundle per fetch costs more CPU
-    than the whole rest of a fetch.
+    than the whole rest of a fetch. It is the only source of trust: requests would otherwise
+    load its own bundle (certifi) into it on every connection.
     """
 
     def __init__(self, hostname: str, context: ssl.SSLContext) -> None:
@@ -55,11 +56,24 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
         pool_kwargs.pop("ca_cert_dir", None)
         return host_params, pool_kwargs
 
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Require verification, but leave the CAs to the context (requests sets certifi here)."""
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """Verify chain and name (RFC 8461 §3.3) with OpenSSL's own RFC 6125 check; TLS 1.2+ (§7.2)."""
-    bundle = ca_file or requests.certs.where()  # type: ignore[attr-defined]
-    context = ssl.create_default_context(cafile=bundle)
+
+def tls_context(store: TrustStore) -> ssl.SSLContext:
+    """Verify chain and name (RFC 8461 §3.3) with OpenSSL's own RFC 6125 check; TLS 1.2+ (§7.2).
+
+    The CAs are exactly those of `store`; OSError naming the store if it cannot be loaded.
+    """
+    if not (store.cafile or store.capath):
+        raise OSError(f"trust store {store} names no CA file or directory")
+    try:
+        context = ssl.create_default_context(cafile=store.cafile, capath=store.capath)
+    except OSError as exc:  # ssl.SSLError included
+        raise OSError(f"trust store {store} cannot be loaded: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
@@ -84,7 +98,8 @@ class PolicyFetcher:
     def __init__(self, discovery: Discovery, settings: FetchSettings = FetchSettings()) -> None:
         self._discovery = discovery
         self._settings = settings
-        self._context = tls_context(settings.ca_file)
+        self.trust = trust_store(settings.ca_file)  # decided once: the start-up log and query show it
+        self._context = tls_context(self.trust)
 
     def fetch(self, domain: str) -> bytes:
         """The raw policy body of `domain`, or a FetchError / CertificateInvalid."""
@@ -114,7 +129,7 @@ class PolicyFetcher:
                 response = session.get(
                     url,
                     headers={"Host": host if s.port == 443 else f"{host}:{s.port}", "Accept": "text/plain"},
-                    verify=s.ca_file or True,
+                    verify=True,  # against the fetcher's context (cert_verify above)
                     allow_redirects=False,  # RFC 8461 §3.3: redirects MUST NOT be followed
                     stream=True,
                     timeout=(s.connect_timeout, s.timeout),

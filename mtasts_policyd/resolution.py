@@ -24,6 +24,7 @@ from .fetch import PolicyFetcher
 from .metrics import REGISTRY
 from .overrides import Override
 from .policy import Mode, Policy, parse_policy
+from .truststore import TrustStore
 
 log = logging.getLogger("mtasts_policyd.resolution")
 
@@ -120,6 +121,11 @@ class PolicyResolver:
         # The decision last built from each cached entry: a hit returns the same object until the
         # entry is replaced (the lookup path runs on one thread: no lock).
         self._decisions: dict[str, tuple[Entry, CacheState, Decision]] = {}
+
+    @property
+    def trust(self) -> TrustStore:
+        """The CAs the policy hosts are verified against (shown by the start-up log and `query`)."""
+        return self._fetcher.trust
 
     def _refetch_due(self, entry: Entry, now: float) -> bool:
         """RFC 8461 §10.2: fetch again at least daily (and within half of a short max_age)."""

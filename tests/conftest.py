@@ -152,18 +152,20 @@ def free_port() -> int:
 class Daemon:
     """A real `mtasts-policyd serve` process."""
 
-    config_path: Path
+    config_path: Path | None  # None: no --config, the embedded defaults
     port: int
     log_path: Path
     exim_port: int | None = None
     process: subprocess.Popen | None = None
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None  # None: this process's environment
 
     def start(self) -> "Daemon":
         self.log = open(self.log_path, "ab")
+        config = [] if self.config_path is None else ["--config", str(self.config_path)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(self.config_path), *self.args],
-            cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "mtasts_policyd", "serve", *config, *self.args],
+            cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -200,6 +202,8 @@ def start_daemon(rig: Rig, tmp_path: Path):
         data = rig.config(cache_path or tmp_path / "cache.sqlite3", **extra)
         data.setdefault("socketmap", {}).setdefault("listen", [f"127.0.0.1:{port}"])
         exim_port = free_port()
+        while exim_port == port:  # both are free until the daemon binds them: the kernel may hand out one twice
+            exim_port = free_port()
         data.setdefault("exim", {}).setdefault("listen", [f"127.0.0.1:{exim_port}"])
         path = tmp_path / f"config{len(running)}.yaml"
         path.write_text(yaml.safe_dump(data))

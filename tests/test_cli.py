@@ -27,6 +27,19 @@ def test_query_json_explains_each_domain(rig, tmp_path):
     assert rows[3] == {"key": ".x", "answer": "NOTFOUND ", "reason": "not-a-policy-domain"}
 
 
+def test_query_names_the_trust_store(rig, tmp_path):
+    """The store that verifies (or verified) the policy host, so a certificate-invalid failure can be
+    read against it: JSON object and human line (README "Trust store")."""
+    domain = rig.domain()
+    rig.publish(domain)
+    config = write_config(rig, tmp_path)
+    row = json.loads(run("query", "--config", config, "--json", domain).stdout)
+    assert row["trust_store"] == {"kind": "fetch.ca_file", "cafile": rig.https.ca_file, "capath": None, "cas": 1,
+                                  "notes": []}
+    lines = run("query", "--config", config, domain).stdout.splitlines()
+    assert f"  trust_store: fetch.ca_file cafile={rig.https.ca_file} cas=1" in lines
+
+
 def test_query_second_time_is_a_cache_hit(rig, tmp_path):
     domain = rig.domain()
     rig.publish(domain)
@@ -69,6 +82,7 @@ def test_help_explains(tmp_path):
     result = run("--help")
     assert result.returncode == 0 and "socketmap" in result.stdout and "query" in result.stdout
     assert "--socketmap" in run("serve", "--help").stdout
+    assert "doctor" in result.stdout and "--postconf-dir" in run("doctor", "--help").stdout
 
 
 def test_query_human_output_has_no_python_reprs(rig, tmp_path):

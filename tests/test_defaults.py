@@ -65,6 +65,50 @@ def test_serve_runs_on_embedded_defaults(tmp_path):
     assert "metrics=" not in log  # nothing but the configured listeners is opened
 
 
+# The embedded defaults against a policy host whose CA the machine trusts the operator's way: the
+# world of tests/e2e (DNS on :53 via /etc/resolv.conf, HTTPS on :443, the test CA added to the system
+# bundle), built in a namespace of this test's own; the daemon gets no config and no trust variable.
+TRUST_SCRIPT = r"""
+set -e
+ip link set lo up
+mount -t tmpfs tmpfs /var/lib
+exec "$PYTHON" - <<'PY'
+import os, tempfile
+from pathlib import Path
+from tests.conftest import Daemon, SocketmapClient
+from tests.e2e.world import SCENARIOS, operator_environment, start_world
+
+world = start_world(Path(tempfile.mkdtemp(prefix="mtasts-defaults-")))
+scenario = next(s for s in SCENARIOS if s.name == "enforce-ok")
+world.publish(scenario)
+daemon = Daemon(None, 8461, Path(os.environ["LOG"]), env=operator_environment()).start()
+client = SocketmapClient(8461)
+print("answer", client.ask(scenario.domain))
+client.close()
+print("exit", daemon.stop())
+PY
+"""
+
+
+def test_serve_on_defaults_trusts_the_machine_store(tmp_path):
+    """RFC 8461 §3.3: the policy host's certificate must chain to a trusted CA; with no
+    configuration the daemon trusts the machine's store (OpenSSL's default verify paths, the
+    bundle Postfix's smtp_tls_CAfile names), so a CA the operator added there is trusted."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare")
+    env = dict(os.environ, PYTHON=sys.executable, LOG=str(tmp_path / "daemon.log"))
+    # --pid --kill-child: everything started in there ends with the test, even on a timeout.
+    result = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--net", "bash", "-c",
+                             TRUST_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    log = (tmp_path / "daemon.log").read_text()
+    assert result.returncode == 0, result.stderr + log
+    assert "answer OK secure match=mx.enforce-ok.e2e.test servername=hostname" in result.stdout.splitlines(), \
+        result.stdout + log
+    assert "exit 0" in result.stdout.splitlines()
+    assert "trust store=openssl-default cafile=/etc/ssl/certs/ca-certificates.crt capath=/etc/ssl/certs cas=" in log
+    assert "trust store note" not in log
+
+
 def test_default_cache_path_for_other_users(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))

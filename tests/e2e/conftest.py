@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import Daemon
-from tests.e2e.world import SCENARIOS, World, in_private_namespace, start_world, temp_dir
+from tests.e2e.world import SCENARIOS, World, in_private_namespace, operator_environment, start_world, temp_dir
 
 SOCKETMAP_PORT = 8461
 EXIM_PORT = 8462
@@ -38,19 +38,20 @@ def world() -> Iterator[World]:
 
 @pytest.fixture(scope="session")
 def policyd(world: World) -> Iterator[Daemon]:
-    """mtasts-policyd on its default ports, resolving through the world's DNS server."""
+    """mtasts-policyd on its default ports, resolving through the world's DNS server and trusting
+    what the machine trusts (no fetch.ca_file, no variable choosing a CA store)."""
     config = {
         "socketmap": {"listen": [f"127.0.0.1:{SOCKETMAP_PORT}"]},
         "exim": {"listen": [f"127.0.0.1:{EXIM_PORT}"]},
         "dns": {"nameservers": ["127.0.0.1"], "timeout": 3},
-        "fetch": {"ca_file": world.ca_file, "timeout": 5},
+        "fetch": {"timeout": 5},
         "cache": {"path": str(world.directory / "policyd" / "cache.sqlite3")},
         # Short bounds so a changed policy id is followed within the test's TXT TTL.
         "resolver": {"txt_ttl_min": 1, "negative_ttl_min": 1, "backoff_min": 1, "dns_backoff_min": 1},
     }
     path = world.directory / "policyd.yaml"
     path.write_text(yaml.safe_dump(config))
-    daemon = Daemon(path, SOCKETMAP_PORT, world.directory / "policyd.log").start()
+    daemon = Daemon(path, SOCKETMAP_PORT, world.directory / "policyd.log", env=operator_environment()).start()
     try:
         yield daemon
     finally:

@@ -4,7 +4,9 @@ It is built from contrib/postfix/main.cf (read in as shipped, so the example con
 is tested) plus the settings a throwaway instance needs: its own configuration, queue and data
 directories, no chroot, a plain log file written by postlogd, IPv4 only, fast retries and smtp(8)
 processes that serve one delivery each (smtp(8) caches TLS policy lookups per process, so a
-long-lived process could answer from a stale lookup). Mail is submitted with `sendmail -C DIR`;
+long-lived process could answer from a stale lookup). The CA settings are contrib's as shipped
+(`smtp_tls_CAfile = /etc/ssl/certs/ca-certificates.crt`, which trusts the world's test CA inside
+the namespace, see world.py). Mail is submitted with `sendmail -C DIR`;
 no smtpd listener runs. Everything stays on loopback: the instance resolves MX hosts through the
 world's DNS server (/etc/resolv.conf inside the test namespace) and connects to the SMTP sinks.
 """
@@ -36,6 +38,7 @@ POSTSUPER = "/usr/sbin/postsuper"
 EXPECTED_FROM_CONTRIB = {
     "smtp_tls_policy_maps": "socketmap:inet:127.0.0.1:8461:postfix",
     "smtp_tls_security_level": "may",
+    "smtp_tls_CAfile": "/etc/ssl/certs/ca-certificates.crt",
 }
 
 # master.cf: the services a sending-only Postfix needs, all with chroot off ("n" in column 5).
@@ -95,7 +98,7 @@ class Status:
 class PostfixInstance:
     """A real Postfix instance in a private directory, controlled with `postfix -c DIR`."""
 
-    def __init__(self, ca_file: str, *, myhostname: str = f"sender.{ZONE}",
+    def __init__(self, *, myhostname: str = f"sender.{ZONE}",
                  extra_main_cf: dict[str, str] | None = None, smtp_max_use: int | None = 1) -> None:
         """`smtp_max_use`: delivery requests per smtp(8) process (None: Postfix's default, 100)."""
         self.directory = temp_dir("mtasts-postfix-")
@@ -103,7 +106,6 @@ class PostfixInstance:
         self.queue_dir = self.directory / "queue"
         self.data_dir = self.directory / "data"
         self.log_path = self.directory / "maillog"
-        self.ca_file = ca_file
         self.myhostname = myhostname
         self.extra_main_cf = dict(extra_main_cf or {})
         self.smtp_max_use = smtp_max_use
@@ -145,8 +147,6 @@ class PostfixInstance:
             "smtp_connection_cache_on_demand": "no",
             "smtp_connect_timeout": "5s",
             "smtp_helo_timeout": "10s",
-            # The world's test CA instead of the system bundle named in the contrib file.
-            "smtp_tls_CAfile": self.ca_file,
             "smtp_tls_loglevel": "1",
         }
         settings.update(self.extra_main_cf)

@@ -15,7 +15,7 @@ _serial = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def exim(world: World, policyd) -> Iterator[EximInstance]:
-    yield EximInstance(temp_dir("exim-"), world.ca_file, "127.0.0.1:8462")
+    yield EximInstance(temp_dir("exim-"), "127.0.0.1:8462")
 
 
 def marker(name: str) -> str:
@@ -97,7 +97,7 @@ def test_daemon_down_fails_closed_by_default(exim: EximInstance, world: World, p
 
 def test_daemon_down_fail_open_delivers_as_without_policy(world: World, policyd):
     # With MTASTS_FAIL_OPEN the operator chose availability: delivery as if there were no policy.
-    exim = EximInstance(temp_dir("exim-open-"), world.ca_file, "127.0.0.1:8462", fail_open=True)
+    exim = EximInstance(temp_dir("exim-open-"), "127.0.0.1:8462", fail_open=True)
     policyd.stop()
     try:
         rcpt = "user@enforce-ok.e2e.test"

@@ -22,7 +22,7 @@ import yaml
 
 from tests.conftest import Daemon, free_port
 from tests.e2e.postfix_mta import PostfixInstance, Status
-from tests.e2e.world import SCENARIOS, Mx, Scenario, World, wait_until
+from tests.e2e.world import SCENARIOS, Mx, Scenario, World, operator_environment, wait_until
 
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 DELIVERY_TIMEOUT = 60  # seconds for one message to reach its sink (retries included)
@@ -47,7 +47,7 @@ def enforce_policy(*patterns: str) -> str:
 
 @pytest.fixture(scope="module")
 def postfix(world: World, policyd, request) -> PostfixInstance:
-    instance = PostfixInstance(world.ca_file).start()
+    instance = PostfixInstance().start()
     failed_before = request.session.testsfailed
     try:
         yield instance
@@ -109,6 +109,7 @@ def test_instance_runs_contrib_settings_with_fresh_lookups(postfix: PostfixInsta
     assert postfix.postconf("mail_version").startswith("3.7")
     assert postfix.postconf("smtp_tls_policy_maps") == "socketmap:inet:127.0.0.1:8461:postfix"
     assert postfix.postconf("smtp_tls_security_level") == "may"
+    assert postfix.postconf("smtp_tls_CAfile") == "/etc/ssl/certs/ca-certificates.crt"  # as shipped
     assert postfix.service_param("smtp/unix", "max_use") == "1"
     assert all(postfix.service_field(f"{name}/unix", "chroot") == "n" for name in ("smtp", "qmgr", "cleanup"))
 
@@ -235,7 +236,7 @@ def test_reused_smtp_process_asks_the_map_for_each_delivery(world: World, policy
     asks the map again for the next message to the same domain. So a changed answer (a new policy
     id, the daemon going down) applies from the next delivery even with Postfix's default max_use;
     the main instance's max_use=1 does not depend on this."""
-    reuse = PostfixInstance(world.ca_file, smtp_max_use=None).start()
+    reuse = PostfixInstance(smtp_max_use=None).start()
     try:
         assert reuse.service_param("smtp/unix", "max_use") == ""  # Postfix's default (100)
         scenario = Scenario("pf-reuse", enforce_policy("mx.{d}"), (Mx("mx", "tls"),), "mx", tls_required=True)
@@ -268,12 +269,12 @@ def test_postfix_37_reads_dot_pattern_at_any_depth(world: World, policyd, tmp_pa
         "socketmap": {"listen": [f"127.0.0.1:{port}"], "maps": {"postfix": {"exact_wildcards": False}}},
         "exim": {"listen": []},
         "dns": {"nameservers": ["127.0.0.1"], "timeout": 3},
-        "fetch": {"ca_file": world.ca_file, "timeout": 5},
+        "fetch": {"timeout": 5},
         "cache": {"path": str(tmp_path / "cache.sqlite3")},
     }
     (tmp_path / "loose.yaml").write_text(yaml.safe_dump(config))
-    daemon = Daemon(tmp_path / "loose.yaml", port, tmp_path / "loose.log").start()
-    loose = PostfixInstance(world.ca_file, extra_main_cf={
+    daemon = Daemon(tmp_path / "loose.yaml", port, tmp_path / "loose.log", env=operator_environment()).start()
+    loose = PostfixInstance(extra_main_cf={
         "smtp_tls_policy_maps": f"socketmap:inet:127.0.0.1:{port}:postfix"})
     try:
         if not loose.postconf("mail_version").startswith("3.7"):

@@ -5,6 +5,13 @@ the authoritative DNS server answers on 127.0.0.1:53 and /etc/resolv.conf points
 mount, private to the namespace), the HTTPS policy server listens on 127.0.0.1:443, and SMTP
 servers act as MX hosts on 127.0.0.11 and up, port 25. The MTAs resolve and connect exactly as
 they would on the Internet.
+
+The machine trusts the world's test CA the way an operator's machine trusts a private CA: the
+system bundle /etc/ssl/certs/ca-certificates.crt is replaced (bind mount, private to the
+namespace) by the system bundle plus the test CA, which is what update-ca-certificates makes of
+a CA dropped into /usr/local/share/ca-certificates. The daemon (its default trust store),
+Postfix (contrib's smtp_tls_CAfile) and Exim (`tls_verify_certificates = system`) all run on
+that, without any CA setting of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +29,14 @@ from tests.rig import DnsServer, PolicyServer, SmtpServer, make_ca
 
 ZONE = "e2e.test"
 SENDER = f"sender@{ZONE}"
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's ca-certificates bundle
+TRUST_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE")
+
+
+def operator_environment() -> dict[str, str]:
+    """This process's environment without the variables that would choose a CA store: what a
+    daemon started by systemd or an operator's shell has on a stock machine."""
+    return {name: value for name, value in os.environ.items() if name not in TRUST_VARIABLES}
 
 
 def in_private_namespace() -> bool:
@@ -81,7 +96,7 @@ SCENARIOS = [
 class World:
     dns: DnsServer
     https: PolicyServer
-    ca_file: str
+    ca_file: str  # the test CA alone (PEM); the machine's bundle holds it too
     directory: Path
     sinks: dict[str, SmtpServer] = field(default_factory=dict)  # by MX host name
     _next_ip: int = 11
@@ -134,10 +149,21 @@ def start_world(directory: Path) -> World:
     hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
     subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
     dns_server.set(f"sender.{ZONE}", "A", "127.0.0.1")
-    ca_file = directory / "ca.pem"  # readable by the MTAs' own users, unlike the rig's private copy
+    ca_file = directory / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     os.chmod(ca_file, 0o644)
+    trust_system_wide(ca_file, directory)
     return World(dns_server, https, str(ca_file), directory)
+
+
+def trust_system_wide(ca_file: Path, directory: Path) -> None:
+    """Make the machine trust `ca_file` (see the module docstring): system bundle + CA, bind-mounted
+    over the system bundle, world-readable like the original."""
+    bundle = directory / "ca-certificates.crt"
+    system = Path(SYSTEM_BUNDLE).read_text()
+    bundle.write_text(system + ("" if system.endswith("\n") else "\n") + ca_file.read_text())
+    os.chmod(bundle, 0o644)
+    subprocess.run(["mount", "--bind", str(bundle), SYSTEM_BUNDLE], check=True)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.2,

@@ -37,6 +37,7 @@ MAX_CNAME_DEPTH = 8
 TCP_IDLE_TIMEOUT = 5.0
 POLL_INTERVAL = 0.2  # how often blocking loops notice stop(); keeps shutdown quick
 CLASSIC_UDP_LIMIT = 512
+ROOT = "."  # the key of the root name (the rig answers for it too: doctor asks ". NS")
 
 
 def _key(name: str | dns.name.Name) -> str:
@@ -49,7 +50,7 @@ def _key(name: str | dns.name.Name) -> str:
 def _apex(key: str) -> str:
     """Synthetic zone apex (last two labels): gives negative answers a plausible SOA owner."""
     labels = [label for label in key.split(".") if label]
-    return ".".join(labels[-2:])
+    return ".".join(labels[-2:]) or ROOT
 
 
 def _make_rdata(rdtype: dns.rdatatype.RdataType, value: str | list[str]) -> dns.rdata.Rdata:
@@ -285,6 +286,8 @@ class DnsServer(BoundedServer):
         """A name exists if it owns records or is an empty non-terminal above one that does."""
         if key in self._data:
             return True
+        if key == ROOT:  # every name is below the root
+            return bool(self._data)
         suffix = "." + key
         return any(other.endswith(suffix) for other in self._data)
 
@@ -294,9 +297,11 @@ class DnsServer(BoundedServer):
     def _soa(self, apex: str) -> dns.rrset.RRset:
         """Synthetic SOA whose TTL and MINIMUM both carry the negative TTL (RFC 2308)."""
         ttl = self.negative_ttl
-        text = f"ns.{apex}. hostmaster.{apex}. 1 3600 600 86400 {ttl}"
+        origin = "" if apex == ROOT else f"{apex}."
+        text = f"ns.{origin} hostmaster.{origin} 1 3600 600 86400 {ttl}"
         rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SOA, text)
-        return dns.rrset.from_rdata_list(dns.name.from_text(apex), ttl, [rdata])
+        owner = dns.name.root if apex == ROOT else dns.name.from_text(apex)
+        return dns.rrset.from_rdata_list(owner, ttl, [rdata])
 
     # ----- transports ------------------------------------------------------
 
