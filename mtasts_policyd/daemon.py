@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 
 from .cache import PolicyCache, default_cache_path
-from .config import Config, ConfigError, override_table
+from .config import Config, override_table
 from .discovery import Discovery
 from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .fetch import PolicyFetcher
@@ -36,12 +36,22 @@ def socketmap_settings(config: Config) -> SocketmapSettings:
 
 def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: SocketmapFrontEnd,
                  exim: EximFrontEnd) -> None:
-    """SIGHUP: take what can change without closing a connection; say what needs a restart."""
-    resolver.overrides = override_table(new)
+    """SIGHUP: take what can change without closing a connection; say what needs a restart.
+
+    All or nothing: everything is built first (ValueError leaves the daemon untouched), then
+    assigned, which cannot fail.
+    """
+    overrides = override_table(new)
+    settings = socketmap_settings(new)
+    exim_settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
+    level = logging.getLevelName(new.log_level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"log_level: unknown level {new.log_level!r}")
+    resolver.overrides = overrides
     resolver.settings = new.resolver
-    front.settings = socketmap_settings(new)
-    exim.settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
-    logging.getLogger().setLevel(new.log_level.upper())
+    front.settings = settings
+    exim.settings = exim_settings
+    logging.getLogger().setLevel(level)
     fixed = [name for name in ("cache", "dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
     fixed += [f"{name}.listen" for name in ("socketmap", "exim", "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]
@@ -88,10 +98,10 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             return
         try:
             new = reload()
-        except (ConfigError, ValueError) as exc:
+            apply_reload(config, new, resolver, front, exim)
+        except ValueError as exc:  # ConfigError included: nothing was applied
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        apply_reload(config, new, resolver, front, exim)
         config = new
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)

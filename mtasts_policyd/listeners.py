@@ -36,7 +36,7 @@ def parse_address(text: str) -> Address:
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port_text = text.rpartition(":")
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"listener must be HOST:PORT, [IPV6]:PORT or unix:/path, not {text!r}")
     return Address(host=host, port=int(port_text))
 
@@ -47,6 +47,22 @@ class SocketPermissions:
 
     owner: str | None = None  # "user" or "user:group"
     mode: int = 0o660
+
+
+def parse_owner(text: str) -> tuple[int, int]:
+    """"user", "user:group" or ":group" -> (uid, gid), -1 for "leave as is"; ValueError if unknown."""
+    user, _, group = text.partition(":")
+    if not user and not group:
+        raise ValueError(f"expected \"user\" or \"user:group\", not {text!r}")
+    try:
+        uid = pwd.getpwnam(user).pw_uid if user else -1
+    except KeyError:
+        raise ValueError(f"no such user {user!r}") from None
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else -1
+    except KeyError:
+        raise ValueError(f"no such group {group!r}") from None
+    return uid, gid
 
 
 async def open_listener(factory: Callable[[], asyncio.Protocol], address: Address,
@@ -64,8 +80,10 @@ async def open_listener(factory: Callable[[], asyncio.Protocol], address: Addres
     server = await loop.create_unix_server(factory, path)
     os.chmod(path, permissions.mode)
     if permissions.owner:
-        user, _, group = permissions.owner.partition(":")
-        uid = pwd.getpwnam(user).pw_uid if user else -1
-        gid = grp.getgrnam(group).gr_gid if group else -1
+        try:
+            uid, gid = parse_owner(permissions.owner)
+        except ValueError as exc:
+            server.close()
+            raise OSError(f"socket_owner: {exc}") from None
         os.chown(path, uid, gid)
     return server
