@@ -14,7 +14,7 @@ from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .fetch import PolicyFetcher
 from .listeners import SocketPermissions, open_listener, parse_address
 from .metrics import MetricsServer, parse_metrics_address
-from .resolution import PolicyResolver
+from .resolution import PolicyResolver, merge
 from .service import PolicyService
 from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
 
@@ -58,6 +58,18 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: S
     log.info("reloaded configuration: overrides=%d maps=%s%s", len(resolver.overrides),
              ",".join(sorted(front.settings.maps)),
              f"; changes to {', '.join(fixed)} take effect after a restart" if fixed else "")
+
+
+async def keep_cache(cache: PolicyCache, interval: float) -> None:
+    """Check the cache file and write what the disk refused, off the event loop (README "Cache
+    health"); the first check at once, so a file that is unusable from the start is seen."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(None, cache.maintain, merge)
+        except Exception as exc:  # the keeper must outlive any surprise
+            log.error("cache check failed: %r", exc)
+        await asyncio.sleep(interval)
 
 
 async def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
@@ -106,6 +118,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     flusher = asyncio.create_task(service.run_flusher())
+    keeper = asyncio.create_task(keep_cache(resolver.cache, config.cache.check_interval))
     try:
         await stop.wait()
         log.info("stopping: draining lookups in flight")
@@ -117,6 +130,9 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         if metrics_listener is not None:
             metrics_listener.close()
         flusher.cancel()
+        keeper.cancel()
         service.close()
+        if resolver.cache.unsaved:
+            resolver.cache.maintain(merge)  # a last try to write what the disk refused
         resolver.cache.close()
         log.info("stopped")

@@ -129,12 +129,14 @@ class Daemon:
     exim_port: int | None = None
     process: subprocess.Popen | None = None
     args: list[str] = field(default_factory=list)
+    wrapper: list[str] = field(default_factory=list)  # e.g. nsenter into a mount namespace; must exec
+    env: dict[str, str] | None = None
 
     def start(self) -> "Daemon":
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(self.config_path), *self.args],
-            cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+            [*self.wrapper, sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(self.config_path),
+             *self.args], cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -166,7 +168,8 @@ def start_daemon(rig: Rig, tmp_path: Path):
     """Start real daemons; each is stopped at the end of the test."""
     running: list[Daemon] = []
 
-    def start(cache_path: Path | None = None, port: int | None = None, **extra: object) -> Daemon:
+    def start(cache_path: Path | None = None, port: int | None = None, *, wrapper: list[str] | None = None,
+              env: dict[str, str] | None = None, **extra: object) -> Daemon:
         port = port or free_port()
         data = rig.config(cache_path or tmp_path / "cache.sqlite3", **extra)
         data.setdefault("socketmap", {}).setdefault("listen", [f"127.0.0.1:{port}"])
@@ -174,7 +177,8 @@ def start_daemon(rig: Rig, tmp_path: Path):
         data.setdefault("exim", {}).setdefault("listen", [f"127.0.0.1:{exim_port}"])
         path = tmp_path / f"config{len(running)}.yaml"
         path.write_text(yaml.safe_dump(data))
-        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log", exim_port=exim_port).start()
+        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log", exim_port=exim_port,
+                        wrapper=wrapper or [], env=env).start()
         running.append(daemon)
         return daemon
 
