@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, cachetool, survey, warm
+from . import __version__, cachetool, signals, survey, warm
 from .config import LOG_LEVELS, Config, checked, load
 from .daemon import build_resolver, run
 from .names import clean_key
@@ -186,6 +186,8 @@ def query(args: argparse.Namespace, config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.handler is not _serve:
+        signals.restore_hup()  # only the daemon reloads; for the other commands SIGHUP is a hangup
     try:
         config = configure(args)
     except ValueError as exc:  # ConfigError: one line naming the key, exit status 2 as for usage errors

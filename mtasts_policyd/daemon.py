@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 
+from . import sdnotify
 from .cache import PolicyCache, default_cache_path
 from .config import Config, override_table
 from .discovery import Discovery
@@ -16,6 +17,7 @@ from .listeners import SocketPermissions, open_listener, parse_address
 from .metrics import MetricsServer, parse_metrics_address
 from .resolution import PolicyResolver, merge
 from .service import PolicyService
+from .signals import early_hup
 from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
 
 log = logging.getLogger("mtasts_policyd")
@@ -76,7 +78,17 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     """Serve until SIGTERM/SIGINT; then stop accepting, finish lookups in flight, and exit.
 
     SIGHUP re-reads the configuration through `reload` and applies it to the running daemon.
+    The signal handlers come first: a SIGHUP while the listeners open is applied once the daemon
+    is ready (sd_notify READY=1), never its default action (the end of the process).
     """
+    stop = asyncio.Event()
+    hup = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    if early_hup():  # arrived before the event loop (signals.catch_early_hup)
+        hup.set()
     resolver = build_resolver(config)
     service = PolicyService(resolver, workers=config.workers)
     front = SocketmapFrontEnd(service, socketmap_settings(config))
@@ -99,28 +111,28 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         log.info("listening metrics=%s", address)
     log.info("socketmap names: %s", ", ".join(sorted(front.settings.maps)))
     log.info("cache path=%s persistent=%s", resolver.cache.path, resolver.cache.persistent)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    def on_hup() -> None:
+    async def reloads() -> None:
         nonlocal config
-        if reload is None:
-            return
-        try:
-            new = reload()
-            apply_reload(config, new, resolver, front, exim)
-        except ValueError as exc:  # ConfigError included: nothing was applied
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        config = new
+        while True:
+            await hup.wait()
+            hup.clear()
+            sdnotify.reloading()
+            try:
+                new = reload() if reload is not None else config
+                apply_reload(config, new, resolver, front, exim)
+                config = new
+            except ValueError as exc:  # ConfigError included: nothing was applied
+                log.error("reload failed, keeping the running configuration: %s", exc)
+            sdnotify.ready()
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
     flusher = asyncio.create_task(service.run_flusher())
     keeper = asyncio.create_task(keep_cache(resolver.cache, config.cache.check_interval))
+    reloader = asyncio.create_task(reloads())
+    sdnotify.ready()  # listeners accept, the cache is open (or known to be memory-only)
     try:
         await stop.wait()
+        sdnotify.stopping()
         log.info("stopping: draining lookups in flight")
         metrics.stopping = True  # /health says 503 while the lookups in flight finish
         for server in servers:
@@ -131,6 +143,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             metrics_listener.close()
         flusher.cancel()
         keeper.cancel()
+        reloader.cancel()
         service.close()
         if resolver.cache.unsaved:
             resolver.cache.maintain(merge)  # a last try to write what the disk refused

@@ -192,6 +192,20 @@ def netstring(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
+def ask_unix(path: Path, key: str, name: str = "postfix") -> str:
+    """One socketmap request over a unix socket; the reply without its netstring frame."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(netstring(f"{name} {key}".encode()))
+        data = b""
+        while not data.endswith(b","):
+            chunk = sock.recv(4096)
+            assert chunk, "connection closed before the reply"
+            data += chunk
+    return data.decode().split(":", 1)[1][:-1]
+
+
 class SocketmapClient:
     """A minimal socketmap client for protocol tests (postmap is the real Postfix client)."""
 
