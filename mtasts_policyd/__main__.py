@@ -1,5 +1,12 @@
+"""`python -m mtasts_policyd` and the `mtasts-policyd` console script."""
+
 import sys
 
-from .cli import main
+from .signals import catch_early_hup
 
-sys.exit(main())
+catch_early_hup()  # first: the imports below take a while, and SIGHUP must not end a starting daemon
+
+from .cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

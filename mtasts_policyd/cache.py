@@ -2,18 +2,23 @@
 
 RFC 8461 §5.1 makes the cache part of the protocol: a cached policy is used until max_age after
 its fetch, whatever DNS and HTTPS say meanwhile. So the disk copy is the truth and the memory
-layer only saves SQLite reads. Disk trouble is logged and survived: the daemon keeps answering
-from memory rather than failing lookups (losing the disk copy costs fetches, not mail).
+layer only saves SQLite reads. Disk trouble is survived, reported and mended: an entry the disk
+refuses stays in memory, remembered as unsaved, and the daemon keeps answering from memory rather than
+failing lookups; `persistent` tells the truth of the last write, and the daemon's periodic
+`maintain()` writes the unsaved entries again, reopening (or, if corrupt, setting aside and
+recreating) the file, so nothing it knows is lost once the disk is back. See README "Cache health".
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import cachetools
@@ -43,6 +48,15 @@ CREATE TABLE IF NOT EXISTS policies (
     version         INTEGER NOT NULL DEFAULT 1
 )
 """
+# One row, rewritten by maintain() while the disk is failing, or when nothing was written for
+# PROBE_AFTER seconds: a write that succeeds is the only proof that the disk takes writes.
+PROBE_AFTER = 300.0
+_PROBE_SCHEMA = "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)"
+# A new cache file is readable by the owner's group (cache tools run by an operator in the service
+# group), never by others; SQLite gives its -wal and -shm files the same mode. An existing file's
+# mode is left alone.
+FILE_MODE = 0o640
+DIRECTORY_MODE = 0o750
 _COLUMNS = ("domain", "txt_record", "policy_id", "policy_body", "fetched_at", "txt_expires_at", "negative_until",
             "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup", "mx_hosts", "mx_expires_at", "version")
 
@@ -126,12 +140,42 @@ class CacheWriteError(Exception):
     """A write did not reach the disk (raised only by a cache opened with strict=True)."""
 
 
+def connect_readonly(path: str, timeout: float) -> sqlite3.Connection:
+    """A separate read-only connection: it sees the file as a restarted process would, and never
+    takes the daemon's connection (or its lock)."""
+    return sqlite3.connect(pathlib.Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=timeout)
+
+
+def _create_file(path: str) -> None:
+    """Create the cache file with FILE_MODE if it does not exist (SQLite would make it 0644)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+    except FileExistsError:
+        pass
+
+
+def _error_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if code is not None else None  # the primary result code
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    return _error_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _needs_reopen(exc: sqlite3.Error) -> bool:
+    """Whether the connection itself may be broken (I/O error, read-only, moved, corrupt). A full
+    disk or another process holding the lock pass by themselves: the same connection retries."""
+    return _error_code(exc) not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 class PolicyCache:
     """Thread-safe; one SQLite connection behind a lock (writes are rare, reads mostly hit memory)."""
 
     def __init__(self, path: str | None, memory_entries: int = 100_000, *, strict: bool = False) -> None:
         """strict: writes that fail raise CacheWriteError. The daemon survives disk trouble by
-        logging and answering from memory; a command that edits the file must report it instead."""
+        keeping entries in memory until the disk takes them; a command that edits the file must
+        report it instead."""
         self.path = path
         self.strict = strict
         self.memory_entries = memory_entries
@@ -140,22 +184,38 @@ class PolicyCache:
         self._db: sqlite3.Connection | None = None
         self._data_version: int | None = None
         self._checked_at = 0.0
+        # Disk health (see "disk health" below): entries and lookup times the disk refused.
+        self._unsaved: dict[str, Entry] = {}  # newer than the disk; not subject to LRU eviction
+        self._untouched: dict[str, float] = {}  # lookup times not yet written
+        self._disk_ok = True  # the last write (or open) succeeded
+        self._broken = False  # the connection failed in a way that calls for reopening the file
+        self._written_at = -math.inf  # when a write last succeeded (never: the first check probes)
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
+        self._closed = False
+        self._maintaining = threading.Lock()  # one maintain() at a time (the keeper, the last one at exit)
         if path is not None:
             self._open(path)
 
-    def _open(self, path: str) -> None:
+    def _open(self, path: str) -> bool:
+        db = None
         try:
             directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, mode=0o750, exist_ok=True)
+            os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+            _create_file(path)
             db = sqlite3.connect(path, timeout=5.0, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
-            self._db = db
+            db.execute(_PROBE_SCHEMA)
             self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+            st = os.stat(path)
         except (sqlite3.Error, OSError) as exc:
-            log.error("cache path=%s cannot be opened (%s); running with memory only", path, exc)
-            self._db = None
+            if db is not None:
+                db.close()
+            self._disk_failed("open", exc)
+            return False
+        self._db, self._identity, self._broken = db, (st.st_dev, st.st_ino), False
+        return True
 
     @property
     def memory_size(self) -> int:
@@ -163,7 +223,13 @@ class PolicyCache:
 
     @property
     def persistent(self) -> bool:
-        return self._db is not None
+        """True while answers reach the disk: the file is open and its last write succeeded."""
+        return self._db is not None and self._disk_ok
+
+    @property
+    def unsaved(self) -> int:
+        """Entries known only in memory because the disk refused them; maintain() writes them."""
+        return len(self._unsaved)
 
     def _sync_with_disk(self) -> None:
         """Forget memory copies when another process (the warmer, `cache forget`) wrote the file."""
@@ -182,7 +248,9 @@ class PolicyCache:
     def get(self, domain: str) -> Entry | None:
         with self._lock:
             self._sync_with_disk()
-            entry = self._memory.get(domain)
+            entry = self._unsaved.get(domain) if self._unsaved else None  # newer than the disk
+            if entry is None:
+                entry = self._memory.get(domain)
             if entry is not None or self._db is None:
                 return entry
             return self._read(domain)
@@ -193,18 +261,20 @@ class PolicyCache:
             self._memory.pop(domain, None)
             return self._read(domain) if self._db is not None else None
 
-    def _read(self, domain: str) -> Entry | None:
+    def _row(self, domain: str) -> Entry | None:
         assert self._db is not None
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies WHERE domain = ?", (domain,)).fetchone()
+        return _from_row(row) if row is not None else None
+
+    def _read(self, domain: str) -> Entry | None:
         try:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies WHERE domain = ?",
-                                   (domain,)).fetchone()
+            entry = self._row(domain)
         except sqlite3.Error as exc:
             log.warning("cache read domain=%s failed: %s", domain, exc)
+            self._broken = self._broken or _needs_reopen(exc)
             return None
-        if row is None:
-            return None
-        entry = _from_row(row)
-        self._memory[domain] = entry
+        if entry is not None:
+            self._memory[domain] = entry
         return entry
 
     def put(self, entry: Entry) -> Entry | None:
@@ -212,6 +282,8 @@ class PolicyCache:
 
         Several processes share the file (the daemon, the warmer, `cache` commands): a write
         based on a stale read must not silently replace what another process stored meanwhile.
+        If the disk refuses the write, the entry is kept (in memory, unsaved, at the version it
+        was read at) and returned: maintain() writes it when the disk is back.
         """
         stored = replace(entry, version=entry.version + 1)
         with self._lock:
@@ -222,9 +294,15 @@ class PolicyCache:
                 except sqlite3.Error as exc:
                     if self.strict:
                         raise CacheWriteError(f"cannot write {entry.domain}: {exc}") from None
-                    log.error("cache write domain=%s failed: %s; kept in memory only", entry.domain, exc)
-            self._memory[entry.domain] = stored
-            return stored
+                    self._disk_failed(f"write domain={entry.domain}", exc)
+                else:
+                    self._unsaved.pop(entry.domain, None)
+                    self._disk_succeeded()
+                    self._memory[entry.domain] = stored
+                    return stored
+            self._keep_unsaved(entry)
+            self._memory[entry.domain] = entry
+            return entry
 
     def _write(self, stored: Entry, read_version: int) -> bool:
         assert self._db is not None
@@ -250,43 +328,279 @@ class PolicyCache:
                 entry = self._memory.get(domain)
                 if entry is not None:
                     self._memory[domain] = replace(entry, last_lookup=when)
-            if self._db is None or not seen:
+                unsaved = self._unsaved.get(domain)
+                if unsaved is not None:
+                    self._unsaved[domain] = replace(unsaved, last_lookup=max(unsaved.last_lookup, when))
+            if self.path is None:
+                return
+            pending = self._untouched
+            for domain, when in seen.items():
+                pending[domain] = max(pending.get(domain, 0.0), when)
+            while len(pending) > self.memory_entries:  # a hint for the warmer: bounded, oldest dropped
+                del pending[next(iter(pending))]
+            if self._db is None or not pending:
                 return
             try:
                 self._db.executemany(
                     "UPDATE policies SET last_lookup = ? WHERE domain = ? AND last_lookup < ?",
-                    [(when, domain, when) for domain, when in seen.items()],
+                    [(when, domain, when) for domain, when in pending.items()],
                 )
             except sqlite3.Error as exc:
-                log.error("cache write of lookup times failed: %s", exc)
+                self._disk_failed("write of lookup times", exc)
+            else:
+                self._untouched = {}
+                self._disk_succeeded()
 
     def delete(self, domain: str) -> bool:
         with self._lock:
             found = self._memory.pop(domain, None) is not None
+            found = self._unsaved.pop(domain, None) is not None or found
             if self._db is not None:
                 try:
                     found = self._db.execute("DELETE FROM policies WHERE domain = ?", (domain,)).rowcount > 0 or found
                 except sqlite3.Error as exc:
                     if self.strict:
                         raise CacheWriteError(f"cannot delete {domain}: {exc}") from None
-                    log.error("cache delete domain=%s failed: %s", domain, exc)
+                    self._disk_failed(f"delete domain={domain}", exc)
             return found
 
     def entries(self) -> Iterator[Entry]:
-        """All stored entries (disk when there is one, else memory), in domain order."""
+        """All stored entries (disk when there is one, else memory) and the unsaved ones, in domain order."""
         with self._lock:
+            unsaved = dict(self._unsaved)
             if self._db is None:
                 rows = None
-                snapshot = sorted(self._memory.values(), key=lambda e: e.domain)
+                snapshot = sorted({**{e.domain: e for e in self._memory.values()}, **unsaved}.values(),
+                                  key=lambda e: e.domain)
             else:
                 rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies ORDER BY domain").fetchall()
         if rows is None:
             yield from snapshot
-        else:
-            yield from (_from_row(row) for row in rows)
+            return
+        stored = (_from_row(row) for row in rows)
+        if not unsaved:
+            yield from stored
+            return
+        merged = {e.domain: e for e in stored}
+        merged.update(unsaved)
+        yield from (merged[domain] for domain in sorted(merged))
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            if self._unsaved:
+                log.error("cache path=%s closing with %d entries the disk did not take; they are lost",
+                          self.path, len(self._unsaved))
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+    # ----- disk health: the truth of the last write, and maintain() to mend it -----------------
+
+    def _disk_failed(self, action: str, exc: BaseException) -> None:
+        """A write (or open) failed: report it once per change of state, not per write."""
+        if isinstance(exc, sqlite3.Error) and _needs_reopen(exc):
+            self._broken = True
+        if not self._disk_ok:
+            log.debug("cache path=%s %s failed: %s", self.path, action, exc)
+            return
+        self._disk_ok = False
+        if action == "open":
+            log.error("cache path=%s cannot be opened (%s); running with memory only", self.path, exc)
+        else:
+            log.error("cache path=%s not persistent: %s failed (%s); answers are kept in memory and written "
+                      "when the disk takes them again", self.path, action, exc)
+
+    def _disk_succeeded(self) -> None:
+        self._written_at = time.monotonic()
+        if not self._disk_ok:
+            self._disk_ok = True
+            log.info("cache path=%s persistent again: writes succeed", self.path)
+
+    def _keep_unsaved(self, entry: Entry) -> None:
+        """Remember an entry the disk did not take. Policies are always kept (RFC 8461 §5.1: a
+        cached policy must not be lost); "no policy" entries, which one DNS query recreates,
+        only up to memory_entries."""
+        if self.path is None:
+            return  # memory only by design: there is no disk to catch up with
+        if entry.policy is None and entry.domain not in self._unsaved and len(self._unsaved) >= self.memory_entries:
+            return
+        self._unsaved[entry.domain] = entry
+
+    def maintain(self, merge: Callable[[Entry | None, Entry], Entry]) -> None:
+        """The daemon's periodic check, off the event loop (README "Cache health").
+
+        1. Look at the file as a restarted process would (a separate read-only connection): gone,
+           replaced, emptied or corrupt means what our connection still writes would be lost.
+        2. Reopen when that happened or the connection failed: every entry the old connection can
+           still read, and every entry in memory, becomes unsaved; a corrupt file is moved aside
+           to `<path>.corrupt-<time>` and a fresh one is created.
+        3. Write the unsaved entries (a conflict with another writer is settled by `merge`, as for
+           any write), or one probe row while the disk is failing or after PROBE_AFTER seconds
+           without a write.
+        """
+        if self.path is None or self._closed:
+            return
+        with self._maintaining:
+            self._maintain(self.path, merge)
+
+    def _maintain(self, path: str, merge: Callable[[Entry | None, Entry], Entry]) -> None:
+        problem, corrupt = self._inspect(path)
+        with self._lock:
+            reopen = problem is not None or self._db is None or self._broken
+            rows = self._detach(problem) if reopen and not self._closed else []
+        if rows:
+            self._adopt(rows)
+        if reopen:
+            with self._lock:
+                if self._closed or not self._reattach(path, corrupt):
+                    return
+        written = self._write_unsaved(merge)
+        if self._untouched:
+            self.touch({})  # lookup times the disk refused before
+        with self._lock:
+            quiet = time.monotonic() - self._written_at >= PROBE_AFTER
+            if not written and (quiet or not self._disk_ok) and self._db is not None and not self._closed:
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO probe (id, written_at) VALUES (1, ?)", (time.time(),))
+                except sqlite3.Error as exc:
+                    self._disk_failed("probe write", exc)
+                else:
+                    self._disk_succeeded()
+
+    def _inspect(self, path: str) -> tuple[str | None, bool]:
+        """(what happened to the file, whether it is corrupt); (None, False) when it looks sound."""
+        if self._db is None:
+            return None, False  # nothing of ours to lose; _reattach looks at the file as it opens it
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return "the file is gone", False
+        except OSError as exc:
+            return f"the file cannot be examined ({exc})", False
+        if (st.st_dev, st.st_ino) != self._identity:
+            return "the file was replaced", False
+        try:
+            check = connect_readonly(path, timeout=5.0)
+        except sqlite3.Error:
+            return None, False
+        try:
+            if check.execute("SELECT 1 FROM sqlite_master WHERE name = 'policies'").fetchone() is None:
+                return "the file lost its table (emptied or truncated)", False
+            result = [row[0] for row in check.execute("PRAGMA quick_check(5)")]
+            if result != ["ok"]:
+                return f"the file is corrupt ({'; '.join(result)})", True
+        except sqlite3.Error as exc:
+            if _is_corrupt(exc):
+                return f"the file is corrupt ({exc})", True
+            return None, False  # busy or unreadable now: no verdict
+        finally:
+            check.close()
+        return None, False
+
+    def _detach(self, problem: str | None) -> list[tuple]:
+        """Close our connection (lock held). When the file's content was lost, return the rows the
+        old connection can still read and make every entry in memory unsaved."""
+        rows: list[tuple] = []
+        if problem is not None:
+            self._disk_failed("check", OSError(problem))
+            if self._db is not None:
+                try:
+                    for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies"):
+                        rows.append(row)
+                except sqlite3.Error as exc:
+                    log.warning("cache path=%s salvaged %d rows before %s", self.path, len(rows), exc)
+            # Versions belong to the old file: version 0 makes every write an insert, and a row
+            # the new file already has a conflict that `merge` settles.
+            known = {domain: replace(entry, version=0) for domain, entry in self._memory.items()}
+            known.update((domain, replace(entry, version=0)) for domain, entry in self._unsaved.items())
+            self._unsaved = known
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
+        return rows
+
+    def _adopt(self, rows: list[tuple]) -> None:
+        """Salvaged rows become unsaved entries, below what memory knows (parsed without the lock)."""
+        salvaged = []
+        for row in rows:
+            try:
+                salvaged.append(_from_row(row))
+            except (ValueError, TypeError) as exc:
+                log.warning("cache path=%s salvaged row %r unreadable: %s", self.path, row[:1], exc)
+        with self._lock:
+            for entry in salvaged:
+                self._unsaved.setdefault(entry.domain, replace(entry, version=0))
+
+    def _reattach(self, path: str, corrupt: bool) -> bool:
+        """Open the file again (lock held); a corrupt one is moved aside first and recreated."""
+        if corrupt and not self._set_aside(path):
+            return False
+        if self._open(path):
+            return True
+        if os.path.exists(path) and self._open_error_is_corrupt(path) and self._set_aside(path):
+            return self._open(path)
+        return False
+
+    def _open_error_is_corrupt(self, path: str) -> bool:
+        try:
+            check = connect_readonly(path, timeout=5.0)
+            try:
+                check.execute("SELECT 1 FROM sqlite_master").fetchone()
+            finally:
+                check.close()
+        except sqlite3.Error as exc:
+            return _is_corrupt(exc)
+        return False
+
+    def _set_aside(self, path: str) -> bool:
+        """Move a corrupt file (and its WAL) to `<path>.corrupt-<UTC time>`, for the operator."""
+        aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        serial = 1
+        while os.path.exists(aside):
+            serial += 1
+            aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{serial}"
+        try:
+            os.rename(path, aside)
+            if os.path.exists(path + "-wal"):
+                os.rename(path + "-wal", aside + "-wal")
+            if os.path.exists(path + "-shm"):
+                os.unlink(path + "-shm")  # an index of the WAL, rebuilt from it
+        except OSError as exc:
+            self._disk_failed("moving the corrupt file aside", exc)
+            return False
+        log.error("cache path=%s is corrupt: moved aside to %s; a fresh file gets every entry in memory",
+                  path, aside)
+        return True
+
+    def _write_unsaved(self, merge: Callable[[Entry | None, Entry], Entry]) -> int:
+        """Write the unsaved entries, one transaction each; stop at the first disk failure."""
+        written = 0
+        for domain in list(self._unsaved):
+            with self._lock:
+                entry = self._unsaved.get(domain)
+                if entry is None or self._db is None or self._closed:
+                    continue
+                try:
+                    for _ in range(5):
+                        stored = replace(entry, version=entry.version + 1)
+                        if self._write(stored, entry.version):
+                            del self._unsaved[domain]
+                            if domain in self._memory:
+                                self._memory[domain] = stored
+                            written += 1
+                            break
+                        entry = merge(self._row(domain), entry)  # another writer was first
+                    else:
+                        log.error("cache domain=%s kept changing under us; left unsaved", domain)
+                except sqlite3.Error as exc:
+                    self._disk_failed(f"write domain={domain}", exc)
+                    break
+                self._disk_succeeded()
+        if written:
+            log.info("cache path=%s wrote %d entries that were kept in memory; %d still waiting",
+                     self.path, written, len(self._unsaved))
+        return written

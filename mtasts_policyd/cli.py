@@ -12,10 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, cachetool, doctor, survey, warm
-from .config import Config, ConfigError, load
+from . import __version__, cachetool, doctor, signals, survey, warm
+from .config import LOG_LEVELS, Config, checked, load
 from .daemon import CacheMissing, build_resolver, require_cache, run
-from .listeners import parse_address
 from .names import clean_key
 from .postfix import tls_policy
 from .resolution import Decision, PolicyResolver
@@ -47,7 +46,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     """--config, --cache, --log-level: every subcommand shares them, so cron and daemon share a cache."""
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none, embedded defaults)")
     parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="log verbosity (overrides log_level; default info)")
 
 
@@ -110,21 +109,21 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def configure(args: argparse.Namespace) -> Config:
+    """The configuration file with the command-line flags applied, every key checked (ConfigError
+    naming the key otherwise); the same for start-up and for each SIGHUP."""
     config = load(args.config)
     if args.cache:
         config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, path=args.cache))
     for section in ("socketmap", "exim"):
         listen = getattr(args, section, None)
         if listen:
-            for text in listen:
-                parse_address(text)
             replaced = dataclasses.replace(getattr(config, section), listen=tuple(listen))
             config = dataclasses.replace(config, **{section: replaced})
     if getattr(args, "metrics", None):
         config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, listen=args.metrics))
     if args.log_level:
         config = dataclasses.replace(config, log_level=args.log_level)
-    return config
+    return checked(config)
 
 
 def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyResolver) -> dict[str, Any]:
@@ -202,10 +201,13 @@ def query(args: argparse.Namespace, config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.handler is not _serve:
+        signals.restore_hup()  # only the daemon reloads; for the other commands SIGHUP is a hangup
     try:
         config = configure(args)
-    except (ConfigError, ValueError) as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # ConfigError: one line naming the key, exit status 2 as for usage errors
+        print(f"mtasts-policyd {args.command}: {exc}", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter() if stderr_is_journal()
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -1,23 +1,29 @@
 """Configuration: embedded defaults, optionally overridden by a YAML file and command-line flags.
 
-Every key is a dataclass field with its default right here, and the README documents the same
-table. Unknown keys and wrong types are errors at start-up: a typo must not silently leave a
-default in force.
+Every key is a dataclass field with its default right here (or in the settings dataclass of the
+module that uses it), and the README documents the same table. Unknown keys, wrong types and
+values out of range are errors at start-up and on reload, each naming its key: a typo must not
+silently leave a default in force, and a bad value must not surface later as a traceback.
+Ranges are declared on the fields (`metadata=limits(...)`, see limits.py) and checked by one
+walk over every dataclass, `validate()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NewType
 
 import yaml
 
 from .discovery import DnsSettings
 from .fetch import FetchSettings
+from .limits import limits as limits  # re-exported: config fields declare their ranges with it
+from .listeners import parse_address, parse_owner
 from .metrics import parse_metrics_address
 from .overrides import Override, OverrideError, make_override
 from .postfix import MapOptions
@@ -26,6 +32,32 @@ from .resolution import ResolverSettings
 
 class ConfigError(ValueError):
     pass
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Permission bits as octal digits, normalised to four ("0660"); see file_mode().
+FileMode = NewType("FileMode", str)
+
+
+def listener_addresses(values: tuple[str, ...]) -> None:
+    for text in values:
+        parse_address(text)
+
+
+def socket_owner(text: str) -> None:
+    parse_owner(text)
+
+
+def metrics_address(text: str) -> None:
+    parse_metrics_address(text)
+
+
+def map_names(maps: dict[str, MapOptions]) -> None:
+    """The request is "NAME KEY", split at the first space: a name with a space never matches."""
+    for name in maps:
+        if not name or any(c.isspace() for c in name):
+            raise ValueError(f"map name {name!r} must be a non-empty word without spaces")
 
 
 # Socketmap names served without any configuration, one per Postfix generation.
@@ -38,40 +70,40 @@ DEFAULT_MAPS = {
 
 @dataclass(frozen=True)
 class SocketmapConfig:
-    listen: tuple[str, ...] = ("127.0.0.1:8461",)
-    socket_owner: str | None = None  # for unix: listeners, "user" or "user:group"
-    socket_mode: str = "0660"
-    idle_timeout: float = 60.0
-    max_connections: int = 1024
-    max_request: int = 10000
-    maps: dict[str, MapOptions] = field(default_factory=lambda: dict(DEFAULT_MAPS))
+    listen: tuple[str, ...] = field(default=("127.0.0.1:8461",), metadata=limits(check=listener_addresses))
+    # for unix: listeners, "user" or "user:group"
+    socket_owner: str | None = field(default=None, metadata=limits(check=socket_owner))
+    socket_mode: FileMode = FileMode("0660")
+    idle_timeout: float = field(default=60.0, metadata=limits(min=0.1, max=86400))
+    max_connections: int = field(default=1024, metadata=limits(min=1, max=1_000_000))
+    max_request: int = field(default=10000, metadata=limits(min=256, max=1_048_576))
+    maps: dict[str, MapOptions] = field(default_factory=lambda: dict(DEFAULT_MAPS),
+                                        metadata=limits(min=1, check=map_names))
 
 
 @dataclass(frozen=True)
 class EximConfig:
-    listen: tuple[str, ...] = ("127.0.0.1:8462",)  # [] turns the Exim listener off
-    socket_owner: str | None = None
-    socket_mode: str = "0660"
-    max_request: int = 1024
-    read_timeout: float = 10.0
+    # [] turns the Exim listener off
+    listen: tuple[str, ...] = field(default=("127.0.0.1:8462",), metadata=limits(check=listener_addresses))
+    socket_owner: str | None = field(default=None, metadata=limits(check=socket_owner))
+    socket_mode: FileMode = FileMode("0660")
+    max_request: int = field(default=1024, metadata=limits(min=256, max=65536))
+    read_timeout: float = field(default=10.0, metadata=limits(min=0.1, max=3600))
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    path: str | None = None  # None: /var/lib/mtasts-policyd/cache.sqlite3 (root) or the XDG state dir
-    memory_entries: int = 100_000
+    # None: /var/lib/mtasts-policyd/cache.sqlite3 (root) or the XDG state dir
+    path: str | None = field(default=None, metadata=limits(min=1))
+    memory_entries: int = field(default=100_000, metadata=limits(min=1, max=10_000_000))
+    # seconds between checks of the file and retries of the entries the disk refused (README "Cache health")
+    check_interval: float = field(default=30.0, metadata=limits(min=0.1, max=3600))
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str | None = None  # None: no metrics listener; "127.0.0.1:9461", a bare port means loopback
-
-    def __post_init__(self) -> None:
-        if self.listen is not None:
-            try:
-                parse_metrics_address(self.listen)
-            except ValueError as exc:
-                raise ConfigError(f"metrics.listen: {exc}") from None
+    # None: no metrics listener; "127.0.0.1:9461", a bare port means loopback
+    listen: str | None = field(default=None, metadata=limits(check=metrics_address))
 
 
 @dataclass(frozen=True)
@@ -95,8 +127,49 @@ class Config:
     resolver: ResolverSettings = ResolverSettings()
     overrides: dict[str, OverrideConfig] = field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
-    workers: int = 32  # threads for DNS/HTTPS work (concurrent resolutions)
-    log_level: str = "info"
+    # threads for DNS/HTTPS work (concurrent resolutions)
+    workers: int = field(default=32, metadata=limits(min=1, max=1024))
+    log_level: str = field(default="info", metadata=limits(choices=LOG_LEVELS))
+
+
+class WrittenInt(int):
+    """An integer from YAML that remembers how it was written: YAML 1.1 reads `0660` as 432."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> WrittenInt:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, except that integers are WrittenInt (for file_mode)."""
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> WrittenInt:
+    return WrittenInt(loader.construct_yaml_int(node), node.value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def file_mode(value: Any) -> FileMode:
+    """Permission bits read like chmod's operand: the digits as written are octal, quoted or not.
+
+    `"0660"`, `0660` (which YAML 1.1 itself reads as the octal number 432), `660` and `"0o660"`
+    all mean rw-rw----. Digits 8 or 9, signs, other bases and modes above 0777 are errors.
+    """
+    if isinstance(value, WrittenInt):
+        text = value.text
+    elif isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        text = str(value)
+    else:
+        raise ValueError(f"expected octal permission bits such as \"0660\", got {value!r}")
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
+        raise ValueError(f"expected octal permission bits from 0000 to 0777 such as \"0660\", got {text!r}")
+    return FileMode(f"{int(digits, 8):04o}")
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
@@ -104,6 +177,11 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     args = typing.get_args(kind)
     if dataclasses.is_dataclass(kind):
         return build(kind, value, where)
+    if kind is FileMode:
+        try:
+            return file_mode(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -117,6 +195,8 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
         return {str(k): _convert(args[1], v if v is not None else {}, f"{where}.{k}") for k, v in value.items()}
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return int(value)  # a plain int, not the WrittenInt
     if kind is str and isinstance(value, (datetime.date, datetime.datetime)):
         return value.isoformat()  # YAML reads 2026-12-31 as a date
     if kind is str and isinstance(value, (str, int)) and not isinstance(value, bool):
@@ -126,18 +206,100 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
-def build(cls: Any, data: Any, where: str = "config") -> Any:
+def _key(where: str, name: object) -> str:
+    return f"{where}.{name}" if where else str(name)
+
+
+def build(cls: Any, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from a mapping, keeping defaults for keys that are absent."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping")
+        raise ConfigError(f"{where or 'config'}: expected a mapping")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    return cls(**{k: _convert(hints[k], v, _key(where, k)) for k, v in data.items()})
+
+
+def _measure(value: Any) -> tuple[float, str] | None:
+    """What "min"/"max" bound: a number itself, or the length of a string, sequence or mapping."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value, ""
+    if isinstance(value, str):
+        return len(value), " characters"
+    if isinstance(value, (tuple, list, dict)):
+        return len(value), " entries"
+    return None
+
+
+def _check(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    """One field against its metadata (limits.py): finite, min, max, choices, check."""
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    low, high = meta.get("min"), meta.get("max")
+    measured = _measure(value) if low is not None or high is not None else None
+    if measured is not None:
+        size, unit = measured
+        shown = f"{size}{unit}" if unit else repr(value)
+        if low is not None and size < low:
+            raise ConfigError(f"{key}: must not be empty" if unit and low == 1 and size == 0
+                              else f"{key}: must be at least {low}{unit}, got {shown}")
+        if high is not None and size > high:
+            raise ConfigError(f"{key}: must be at most {high}{unit}, got {shown}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    check = meta.get("check")
+    if check is not None:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+def _check_pairs(obj: Any, where: str) -> None:
+    """Every X_min field with an X_max sibling must not exceed it."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name in names:
+        if name.endswith("_min") and f"{name[:-4]}_max" in names:
+            low, high = getattr(obj, name), getattr(obj, f"{name[:-4]}_max")
+            if low is not None and high is not None and low > high:
+                raise ConfigError(f"{_key(where, name)} ({low}) must not exceed {_key(where, name[:-4] + '_max')} "
+                                  f"({high})")
+
+
+def validate(obj: Any, where: str = "") -> None:
+    """Check every field of dataclass `obj`, and of the dataclasses inside it (nested settings,
+    mapping values such as socketmap.maps.NAME), against the ranges declared on the fields."""
+    for f in dataclasses.fields(obj):
+        key = _key(where, f.name)
+        value = getattr(obj, f.name)
+        _check(value, f.metadata, key)
+        _validate_inside(value, key)
+    _check_pairs(obj, where)
+
+
+def _validate_inside(value: Any, key: str) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        validate(value, key)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _validate_inside(item, f"{key}.{name}")
+    elif isinstance(value, tuple):
+        for item in value:
+            _validate_inside(item, f"{key}[]")
+
+
+def checked(config: Config) -> Config:
+    """`config` if every key is in range and every override is sound; ConfigError naming the key."""
+    validate(config)
+    override_table(config)  # a broken override must stop start-up (or a reload), not a lookup
+    return config
 
 
 def load(path: str | None) -> Config:
@@ -145,14 +307,15 @@ def load(path: str | None) -> Config:
         return Config()
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    config = build(Config, data)
-    override_table(config)  # validate now: a broken override must stop start-up, not a lookup
-    return config
+    try:
+        return checked(build(Config, data))
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
 
 
 def override_table(config: Config) -> dict[str, Override]:

@@ -8,15 +8,17 @@ import os
 import signal
 from collections.abc import Callable
 
+from . import sdnotify
 from .cache import PolicyCache, default_cache_path
-from .config import Config, ConfigError, override_table
+from .config import Config, override_table
 from .discovery import Discovery
 from .exim import EximFrontEnd, EximProtocol, EximSettings
 from .fetch import PolicyFetcher
 from .listeners import SocketPermissions, open_listener, parse_address
 from .metrics import MetricsServer, parse_metrics_address
-from .resolution import PolicyResolver
+from .resolution import PolicyResolver, merge
 from .service import PolicyService
+from .signals import early_hup
 from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
 
 log = logging.getLogger("mtasts_policyd")
@@ -59,12 +61,22 @@ def socketmap_settings(config: Config) -> SocketmapSettings:
 
 def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: SocketmapFrontEnd,
                  exim: EximFrontEnd) -> None:
-    """SIGHUP: take what can change without closing a connection; say what needs a restart."""
-    resolver.overrides = override_table(new)
+    """SIGHUP: take what can change without closing a connection; say what needs a restart.
+
+    All or nothing: everything is built first (ValueError leaves the daemon untouched), then
+    assigned, which cannot fail.
+    """
+    overrides = override_table(new)
+    settings = socketmap_settings(new)
+    exim_settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
+    level = logging.getLevelName(new.log_level.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"log_level: unknown level {new.log_level!r}")
+    resolver.overrides = overrides
     resolver.settings = new.resolver
-    front.settings = socketmap_settings(new)
-    exim.settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
-    logging.getLogger().setLevel(new.log_level.upper())
+    front.settings = settings
+    exim.settings = exim_settings
+    logging.getLogger().setLevel(level)
     fixed = [name for name in ("cache", "dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
     fixed += [f"{name}.listen" for name in ("socketmap", "exim", "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]
@@ -73,11 +85,33 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: S
              f"; changes to {', '.join(fixed)} take effect after a restart" if fixed else "")
 
 
+async def keep_cache(cache: PolicyCache, interval: float) -> None:
+    """Check the cache file and write what the disk refused, off the event loop (README "Cache
+    health"); the first check at once, so a file that is unusable from the start is seen."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(None, cache.maintain, merge)
+        except Exception as exc:  # the keeper must outlive any surprise
+            log.error("cache check failed: %r", exc)
+        await asyncio.sleep(interval)
+
+
 async def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, finish lookups in flight, and exit.
 
     SIGHUP re-reads the configuration through `reload` and applies it to the running daemon.
+    The signal handlers come first: a SIGHUP while the listeners open is applied once the daemon
+    is ready (sd_notify READY=1), never its default action (the end of the process).
     """
+    stop = asyncio.Event()
+    hup = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    if early_hup():  # arrived before the event loop (signals.catch_early_hup)
+        hup.set()
     resolver = build_resolver(config)
     service = PolicyService(resolver, workers=config.workers)
     front = SocketmapFrontEnd(service, socketmap_settings(config))
@@ -103,27 +137,28 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     log.info("trust store=%s", resolver.trust)
     for note in resolver.trust.notes:
         log.warning("trust store note: %s", note)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    def on_hup() -> None:
+    async def reloads() -> None:
         nonlocal config
-        if reload is None:
-            return
-        try:
-            new = reload()
-        except (ConfigError, ValueError) as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
-        apply_reload(config, new, resolver, front, exim)
-        config = new
+        while True:
+            await hup.wait()
+            hup.clear()
+            sdnotify.reloading()
+            try:
+                new = reload() if reload is not None else config
+                apply_reload(config, new, resolver, front, exim)
+                config = new
+            except ValueError as exc:  # ConfigError included: nothing was applied
+                log.error("reload failed, keeping the running configuration: %s", exc)
+            sdnotify.ready()
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
     flusher = asyncio.create_task(service.run_flusher())
+    keeper = asyncio.create_task(keep_cache(resolver.cache, config.cache.check_interval))
+    reloader = asyncio.create_task(reloads())
+    sdnotify.ready()  # listeners accept, the cache is open (or known to be memory-only)
     try:
         await stop.wait()
+        sdnotify.stopping()
         log.info("stopping: draining lookups in flight")
         metrics.stopping = True  # /health says 503 while the lookups in flight finish
         for server in servers:
@@ -133,6 +168,10 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         if metrics_listener is not None:
             metrics_listener.close()
         flusher.cancel()
+        keeper.cancel()
+        reloader.cancel()
         service.close()
+        if resolver.cache.unsaved:
+            resolver.cache.maintain(merge)  # a last try to write what the disk refused
         resolver.cache.close()
         log.info("stopped")

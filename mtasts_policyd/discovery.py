@@ -9,7 +9,8 @@ apart from "we could not ask" (timeout, SERVFAIL), which must never be cached as
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import dns.exception
@@ -19,19 +20,29 @@ import dns.rdatatype
 import dns.resolver
 
 from .errors import DnsTemporaryFailure, MtaStsError, NoRecord
+from .limits import limits
 from .tlsrpt import TlsRptRecord, parse_tlsrpt
 from .txt import StsRecord, join_strings, select_record
 
 T = TypeVar("T")
 
 
+def ip_addresses(names: tuple[str, ...]) -> None:
+    """dnspython asks nameservers by address: a host name here would fail every lookup."""
+    for name in names:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            raise ValueError(f"{name!r} is not an IP address") from None
+
+
 @dataclass(frozen=True)
 class DnsSettings:
     """Where and how to ask. No nameservers means the system's (/etc/resolv.conf)."""
 
-    nameservers: tuple[str, ...] = ()
-    port: int = 53
-    timeout: float = 5.0
+    nameservers: tuple[str, ...] = field(default=(), metadata=limits(check=ip_addresses))
+    port: int = field(default=53, metadata=limits(min=1, max=65535))
+    timeout: float = field(default=5.0, metadata=limits(min=0.1, max=300))  # seconds per lookup, retries included
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ while TLS verifies the certificate for mta-sts.<domain> (SNI and hostname check,
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -17,18 +18,26 @@ import requests.adapters
 
 from .discovery import Discovery
 from .errors import CertificateInvalid, FetchError, MtaStsError
+from .limits import limits
 from .truststore import TrustStore, trust_store
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 
 
+def readable_file(path: str) -> None:
+    """A CA bundle that is not there would make every fetch fail, and every policy unusable."""
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"{path!r} is not a readable file")
+
+
 @dataclass(frozen=True)
 class FetchSettings:
-    ca_file: str | None = None  # None: the machine's trust store (truststore.py)
-    connect_timeout: float = 10.0
-    timeout: float = 20.0  # RFC 8461 §3.3 allows a limit; the whole GET must end within it
-    max_size: int = 65536  # RFC 8461 §3.3: 64 KiB suggested
-    port: int = 443  # only test rigs change this
+    ca_file: str | None = field(default=None, metadata=limits(check=readable_file))  # None: the machine's trust store (truststore.py)
+    connect_timeout: float = field(default=10.0, metadata=limits(min=0.1, max=300))
+    # RFC 8461 §3.3 allows a limit; the whole GET must end within it
+    timeout: float = field(default=20.0, metadata=limits(min=0.1, max=600))
+    max_size: int = field(default=65536, metadata=limits(min=1024, max=10 * 1024 * 1024))  # §3.3: 64 KiB suggested
+    port: int = field(default=443, metadata=limits(min=1, max=65535))  # only test rigs change this
 
 
 class _ConnectFailed(FetchError):

@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import pathlib
 import platform
 import sqlite3
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .cache import connect_readonly
 from .errors import FailureKind
 from .listeners import Address, parse_address
 
@@ -210,7 +210,7 @@ def count_rows(path: str, limit: float = COUNT_TIME_LIMIT) -> int | None:
     Its own connection, so the daemon's (and its lock, which cached lookups take) is never held.
     """
     try:
-        db = sqlite3.connect(pathlib.Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=limit)
+        db = connect_readonly(path, limit)
     except sqlite3.Error:
         return None
 
@@ -249,14 +249,15 @@ class MetricsServer:
     def health(self) -> tuple[int, dict[str, object]]:
         """200 while the daemon answers (this runs on its event loop); 503 once it is stopping.
 
-        A cache that cannot be written is reported ("degraded", persistent false) but still 200:
-        the daemon answers correctly from memory, and a restart would not mend the disk.
+        A cache whose last write failed is reported ("degraded", persistent false, and how many
+        entries wait in memory for the disk) but still 200: the daemon answers correctly from
+        memory and writes them when the disk is back; a restart would lose them.
         """
         persistent = self.cache.persistent
         status = "stopping" if self.stopping else "ok" if persistent else "degraded"
         body = {"status": status, "version": __version__,
                 "uptime_seconds": round(time.time() - self.registry.started, 3),
-                "cache": {"path": self.cache.path, "persistent": persistent}}
+                "cache": {"path": self.cache.path, "persistent": persistent, "unsaved_entries": self.cache.unsaved}}
         return (503 if self.stopping else 200), body
 
     async def metrics(self) -> str:
@@ -271,8 +272,12 @@ class MetricsServer:
             ("mtasts_cache_entries", "gauge",
              "Domains in the cache: the in-memory LRU, and the SQLite file (absent if it cannot be counted).",
              entries),
-            ("mtasts_cache_persistent", "gauge", "1 if the cache is written to disk, 0 if running from memory only.",
+            ("mtasts_cache_persistent", "gauge",
+             "1 while the cache's writes reach the disk, 0 when the last one failed (running from memory).",
              [({}, int(self.cache.persistent))]),
+            ("mtasts_cache_unsaved_entries", "gauge",
+             "Cache entries kept in memory because the disk refused them; written when it takes writes again.",
+             [({}, self.cache.unsaved)]),
         ]
         if self.connections is not None:
             gauges.append(("mtasts_socketmap_connections", "gauge", "Socketmap connections open now.",

@@ -15,12 +15,13 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .cache import Entry, PolicyCache
 from .discovery import Discovery
 from .errors import DnsTemporaryFailure, Failure, InvalidRecord, MtaStsError, NoRecord
 from .fetch import PolicyFetcher
+from .limits import limits
 from .metrics import REGISTRY
 from .overrides import Override
 from .policy import Mode, Policy, parse_policy
@@ -65,16 +66,26 @@ class Decision:
         return self.failure.kind.value if self.failure else "no-policy"
 
 
+SECONDS_MAX = 31557600  # a year: RFC 8461 §3.2's largest max_age; longer bounds mean nothing
+
+
 @dataclass(frozen=True)
 class ResolverSettings:
-    negative_ttl_min: int = 60  # bounds for caching "no record" (RFC 2308 negative TTL)
-    negative_ttl_max: int = 3600
-    txt_ttl_min: int = 60  # bounds for trusting a TXT id before checking it again
-    txt_ttl_max: int = 3600
-    refresh_after: int = 86400  # RFC 8461 §10.2: fetch again at least daily, id unchanged or not
-    backoff_min: int = 300  # RFC 8461 §3.3: wait at least 5 minutes after a failed fetch
-    backoff_max: int = 3600
-    dns_backoff_min: int = 30  # DNS failures are usually shorter-lived than broken web servers
+    """Seconds. Each X_min must not exceed its X_max (config.validate checks such pairs)."""
+
+    # bounds for caching "no record" (RFC 2308 negative TTL)
+    negative_ttl_min: int = field(default=60, metadata=limits(min=1, max=SECONDS_MAX))
+    negative_ttl_max: int = field(default=3600, metadata=limits(min=1, max=SECONDS_MAX))
+    # bounds for trusting a TXT id before checking it again
+    txt_ttl_min: int = field(default=60, metadata=limits(min=1, max=SECONDS_MAX))
+    txt_ttl_max: int = field(default=3600, metadata=limits(min=1, max=SECONDS_MAX))
+    # RFC 8461 §10.2: fetch again at least daily, id unchanged or not
+    refresh_after: int = field(default=86400, metadata=limits(min=60, max=SECONDS_MAX))
+    # RFC 8461 §3.3: wait at least 5 minutes after a failed fetch
+    backoff_min: int = field(default=300, metadata=limits(min=1, max=SECONDS_MAX))
+    backoff_max: int = field(default=3600, metadata=limits(min=1, max=SECONDS_MAX))
+    # DNS failures are usually shorter-lived than broken web servers
+    dns_backoff_min: int = field(default=30, metadata=limits(min=1, max=SECONDS_MAX))
 
 
 def _clamp(value: int | None, low: int, high: int) -> int:

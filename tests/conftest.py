@@ -158,13 +158,14 @@ class Daemon:
     exim_port: int | None = None
     process: subprocess.Popen | None = None
     args: list[str] = field(default_factory=list)
+    wrapper: list[str] = field(default_factory=list)  # e.g. nsenter into a mount namespace; must exec
     env: dict[str, str] | None = None  # None: this process's environment
 
     def start(self) -> "Daemon":
         self.log = open(self.log_path, "ab")
         config = [] if self.config_path is None else ["--config", str(self.config_path)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mtasts_policyd", "serve", *config, *self.args],
+            [*self.wrapper, sys.executable, "-m", "mtasts_policyd", "serve", *config, *self.args],
             cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -197,7 +198,8 @@ def start_daemon(rig: Rig, tmp_path: Path):
     """Start real daemons; each is stopped at the end of the test."""
     running: list[Daemon] = []
 
-    def start(cache_path: Path | None = None, port: int | None = None, **extra: object) -> Daemon:
+    def start(cache_path: Path | None = None, port: int | None = None, *, wrapper: list[str] | None = None,
+              env: dict[str, str] | None = None, **extra: object) -> Daemon:
         port = port or free_port()
         data = rig.config(cache_path or tmp_path / "cache.sqlite3", **extra)
         data.setdefault("socketmap", {}).setdefault("listen", [f"127.0.0.1:{port}"])
@@ -207,7 +209,8 @@ def start_daemon(rig: Rig, tmp_path: Path):
         data.setdefault("exim", {}).setdefault("listen", [f"127.0.0.1:{exim_port}"])
         path = tmp_path / f"config{len(running)}.yaml"
         path.write_text(yaml.safe_dump(data))
-        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log", exim_port=exim_port).start()
+        daemon = Daemon(path, port, tmp_path / f"daemon{len(running)}.log", exim_port=exim_port,
+                        wrapper=wrapper or [], env=env).start()
         running.append(daemon)
         return daemon
 
@@ -219,6 +222,20 @@ def start_daemon(rig: Rig, tmp_path: Path):
 
 def netstring(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
+
+
+def ask_unix(path: Path, key: str, name: str = "postfix") -> str:
+    """One socketmap request over a unix socket; the reply without its netstring frame."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(netstring(f"{name} {key}".encode()))
+        data = b""
+        while not data.endswith(b","):
+            chunk = sock.recv(4096)
+            assert chunk, "connection closed before the reply"
+            data += chunk
+    return data.decode().split(":", 1)[1][:-1]
 
 
 class SocketmapClient:

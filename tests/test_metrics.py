@@ -332,6 +332,7 @@ def test_service_files(tmp_path):
     assert daemon["Service"]["User"] == "mtasts-policyd" and daemon["Service"]["StateDirectory"] == "mtasts-policyd"
     assert daemon["Service"]["ExecStart"].endswith("mtasts-policyd serve --config /etc/mtasts-policyd.yaml")
     assert daemon["Service"]["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert daemon["Service"]["Type"] == "notify"  # the daemon sends READY=1 (tests/test_lifecycle.py)
     warm = unit("mtasts-policyd-warm.service")
     assert warm["Service"]["User"] == "mtasts-policyd" and warm["Service"]["Type"] == "oneshot"
     assert warm["Service"]["ExecStart"].endswith("mtasts-policyd warm --config /etc/mtasts-policyd.yaml")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import threading
 import time
 
 import pytest
 
-from tests.conftest import SocketmapClient, free_port, netstring, secure
+from tests.conftest import SocketmapClient, ask_unix, free_port, netstring, secure
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
 NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
@@ -193,11 +192,4 @@ def test_unix_socket_listener(rig, start_daemon, tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     domain = rig.domain()
     rig.publish(domain)
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        sock.sendall(netstring(f"postfix {domain}".encode()))
-        data = b""
-        while not data.endswith(b","):
-            data += sock.recv(4096)
-    assert data.decode().split(":", 1)[1].startswith("OK secure match=")
+    assert ask_unix(path, domain).startswith("OK secure match=")
