@@ -44,6 +44,7 @@ class SocketmapConfig:
     idle_timeout: float = 60.0
     max_connections: int = 1024
     max_request: int = 10000
+    frame_timeout: float = field(default=10.0, metadata={"min": 0.1, "max": 3600})  # first to last byte of a request
     maps: dict[str, MapOptions] = field(default_factory=lambda: dict(DEFAULT_MAPS))
 
 
@@ -54,17 +55,24 @@ class EximConfig:
     socket_mode: str = "0660"
     max_request: int = 1024
     read_timeout: float = 10.0
+    max_connections: int = field(default=1024, metadata={"min": 1, "max": 100_000})
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     path: str | None = None  # None: /var/lib/mtasts-policyd/cache.sqlite3 (root) or the XDG state dir
     memory_entries: int = 100_000
+    # Pruning (cache.PruneSettings): rows that no longer serve are deleted, so the file stays bounded.
+    prune_after: float = field(default=30 * 86400, metadata={"min": 3600})
+    negative_grace: float = field(default=86400, metadata={"min": 0})
+    max_negative_entries: int = field(default=100_000, metadata={"min": 100})
+    prune_interval: float = field(default=600, metadata={"min": 1, "max": 86400})
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str | None = None  # None: no metrics listener; "127.0.0.1:9461", a bare port means loopback
+    max_connections: int = field(default=64, metadata={"min": 1, "max": 10_000})
 
     def __post_init__(self) -> None:
         if self.listen is not None:
@@ -97,6 +105,8 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     workers: int = 32  # threads for DNS/HTTPS work (concurrent resolutions)
     log_level: str = "info"
+    # SIGTERM to exit, always; below systemd's TimeoutStopSec (45 s in contrib/systemd).
+    drain_timeout: float = field(default=20.0, metadata={"min": 1, "max": 3600})
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from .cache import Entry
 from .config import Config
-from .daemon import build_resolver
+from .daemon import build_resolver, prune_settings
 from .domainlist import DomainListError, read_domain_list
 from .errors import FailureKind
 from .policy import Mode, Policy
@@ -372,6 +372,7 @@ def run_warm(args: argparse.Namespace, config: Config) -> int:
 
         summary = warm(resolver, domains, options, on_result=report)
         progress.clear()
+        resolver.cache.prune(time.time(), prune_settings(config))  # README "Cache size"
     finally:
         resolver.cache.close()
     print(summary.line(), flush=True)
