@@ -13,7 +13,7 @@ What it does (see bench/README.md for the reasoning):
     DNS server on 127.0.0.1:53, and its HTTPS client only the test policy server on 127.0.0.1:443
     (trusted through SSL_CERT_FILE = the throwaway test CA);
   * starts the test DNS server and HTTPS policy server (tests/rig) in two separate processes and
-    both daemons at their quiet log level; warms each up (every domain looked up once), checks a
+    both daemons at their default log level; warms each up (every domain looked up once), checks a
     sample of answers exactly, then measures cached lookups at 1/8/64 connections and cold bursts,
     every row --repeat times per daemon, alternating which goes first (medians are printed);
   * stops everything it started (try/finally, SIGALRM lifetime bound, parent-death signal).
@@ -514,7 +514,8 @@ class Driver:
             config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
         path = self.tmp / "ours.yaml"
         path.write_text(yaml.safe_dump(config))
-        argv = [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(path), "--log-level", "warning"]
+        # The default log level (info), as an operator runs it: cached answers are logged at debug.
+        argv = [sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(path)]
         child = Child("ours", argv, log=self.tmp / "ours.log")
         self.children.append(child)
         wait_port(OURS_PORT, child.proc, "mtasts-policyd")
@@ -532,7 +533,8 @@ class Driver:
         )
         path = self.tmp / "peer.yml"
         path.write_text(config)
-        argv = [str(self.args.peer_venv / "bin" / "mta-sts-daemon"), "-c", str(path), "-v", "warn"]
+        # Its default verbosity (info), as an operator runs it.
+        argv = [str(self.args.peer_venv / "bin" / "mta-sts-daemon"), "-c", str(path)]
         # SSL_CERT_FILE points OpenSSL's default verify paths (what aiohttp uses) at the test CA.
         child = Child("peer", argv, log=self.tmp / "peer.log", env=clean_env(SSL_CERT_FILE=self.trust_file,
                                                                               PYTHONWARNINGS="ignore"))
