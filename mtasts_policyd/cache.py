@@ -11,6 +11,7 @@ recreating) the file, so nothing it knows is lost once the disk is back. See REA
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -59,6 +60,20 @@ FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
 _COLUMNS = ("domain", "txt_record", "policy_id", "policy_body", "fetched_at", "txt_expires_at", "negative_until",
             "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup", "mx_hosts", "mx_expires_at", "version")
+
+
+WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the WAL file is truncated to after a checkpoint
+PRUNE_BATCH = 2000  # rows read per step of a prune scan
+DELETE_BATCH = 200  # rows deleted (or pages freed) per transaction: the lock is held that long
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Which rows no longer serve (README "Cache size"); the values are the `cache` config keys."""
+
+    prune_after: float = 30 * 86400  # a row not looked up for this long goes, unless its policy is usable
+    negative_grace: float = 86400  # a row without a policy goes this long after its TTL and back-off end
+    max_negative_entries: int = 100_000  # rows without a policy beyond this go, least recently used first
 
 
 @dataclass(frozen=True)
@@ -193,6 +208,7 @@ class PolicyCache:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
         self._closed = False
         self._maintaining = threading.Lock()  # one maintain() at a time (the keeper, the last one at exit)
+        self.inserted = 0  # rows this process added (the daemon prunes after many: prune())
         if path is not None:
             self._open(path)
 
@@ -203,7 +219,11 @@ class PolicyCache:
             os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
             _create_file(path)
             db = sqlite3.connect(path, timeout=5.0, check_same_thread=False, isolation_level=None)
+            # A new file gives pruned pages back to the OS (prune()); only possible before the first
+            # table is created, so an older file keeps reusing its free pages instead.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back after bursts
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
             db.execute(_PROBE_SCHEMA)
@@ -313,6 +333,7 @@ class PolicyCache:
                                  f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
             except sqlite3.IntegrityError:
                 return False  # another process stored this domain first
+            self.inserted += 1
             return True
         # last_lookup is batched in by touch() without a version bump: never move it backwards.
         assignments = ", ".join("last_lookup = MAX(last_lookup, ?)" if column == "last_lookup" else f"{column} = ?"
@@ -384,6 +405,111 @@ class PolicyCache:
         merged = {e.domain: e for e in stored}
         merged.update(unsaved)
         yield from (merged[domain] for domain in sorted(merged))
+
+    def prune(self, now: float, settings: PruneSettings, pause: float = 0.005) -> int:
+        """Delete the rows that no longer serve; return how many. See PruneSettings for the rules.
+
+        The file is scanned on a read-only connection of its own (WAL: nobody waits for it), and
+        rows are deleted in small batches under the lock, each only if its row version is still the
+        one seen (another process may have refreshed it meanwhile), so lookups wait at most one
+        batch. Freed pages go back to the OS on a file created with incremental auto-vacuum.
+        """
+        if self._db is None or self.path is None:
+            return 0
+        try:
+            reader = sqlite3.connect(f"file:{os.path.abspath(self.path)}?mode=ro", uri=True, timeout=5.0)
+        except sqlite3.Error as exc:
+            log.warning("cache prune: cannot open %s to read: %s", self.path, exc)
+            return 0
+        deleted = 0
+        try:
+            deleted += self._delete(self._expired(reader, now, settings), pause)
+            deleted += self._delete(self._least_recent_negative(reader, settings.max_negative_entries), pause)
+            if deleted:
+                self._give_back_pages(pause)
+        except sqlite3.Error as exc:
+            log.warning("cache prune stopped after %d rows: %s", deleted, exc)
+        finally:
+            reader.close()
+        if deleted:
+            log.info("cache pruned rows=%d", deleted)
+        return deleted
+
+    @staticmethod
+    def _expired(reader: sqlite3.Connection, now: float, settings: PruneSettings) -> Iterator[tuple[str, int]]:
+        """(domain, version) of rows past use: no policy and past TTL and back-off plus the grace,
+        or not looked up for prune_after with no usable policy. RFC 8461 §5.1: a usable policy is
+        never pruned, however long ago it was looked up."""
+        last = 0
+        unused = now - settings.prune_after
+        while True:
+            rows = reader.execute(
+                "SELECT rowid, domain, version, policy_body IS NULL, MAX(negative_until, retry_after), "
+                "MAX(last_lookup, COALESCE(fetched_at, 0)) FROM policies WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (last, PRUNE_BATCH)).fetchall()
+            if not rows:
+                return
+            for rowid, domain, version, no_policy, known_until, used_at in rows:
+                if no_policy and known_until + settings.negative_grace < now:
+                    yield domain, version
+                elif not no_policy and used_at < unused:
+                    row = reader.execute(f"SELECT {', '.join(_COLUMNS)} FROM policies WHERE rowid = ?",
+                                         (rowid,)).fetchone()
+                    if row is not None and _from_row(row).usable_policy(now) is None:
+                        yield domain, version
+            last = rows[-1][0]
+
+    @staticmethod
+    def _least_recent_negative(reader: sqlite3.Connection, limit: int) -> Iterator[tuple[str, int]]:
+        """Rows without a policy beyond `limit`, least recently looked up (or resolved) first."""
+        count = reader.execute("SELECT COUNT(*) FROM policies WHERE policy_body IS NULL").fetchone()[0]
+        if count <= limit:
+            return
+        used = "MAX(last_lookup, COALESCE(failure_at, 0))"
+        cutoff = reader.execute(f"SELECT {used} AS used FROM policies WHERE policy_body IS NULL "
+                                "ORDER BY used LIMIT 1 OFFSET ?", (count - limit - 1,)).fetchone()[0]
+        excess, last = count - limit, 0
+        while excess > 0:
+            rows = reader.execute(f"SELECT rowid, domain, version FROM policies WHERE rowid > ? AND "
+                                  f"policy_body IS NULL AND {used} <= ? ORDER BY rowid LIMIT ?",
+                                  (last, cutoff, min(excess, PRUNE_BATCH))).fetchall()
+            if not rows:
+                return
+            for _, domain, version in rows:
+                yield domain, version
+            excess -= len(rows)
+            last = rows[-1][0]
+
+    def _delete(self, rows: Iterator[tuple[str, int]], pause: float) -> int:
+        deleted = 0
+        while True:
+            batch = list(itertools.islice(rows, DELETE_BATCH))
+            if not batch:
+                return deleted
+            with self._lock:
+                if self._db is None:
+                    return deleted  # closed meanwhile (shutdown)
+                self._db.execute("BEGIN")
+                try:
+                    for domain, version in batch:
+                        if self._db.execute("DELETE FROM policies WHERE domain = ? AND version = ?",
+                                            (domain, version)).rowcount:
+                            deleted += 1
+                            self._memory.pop(domain, None)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            time.sleep(pause)  # let lookups and writers in between batches
+
+    def _give_back_pages(self, pause: float) -> None:
+        while True:
+            with self._lock:
+                if self._db is None or not self._db.execute("PRAGMA freelist_count").fetchone()[0] \
+                        or not self._db.execute("PRAGMA auto_vacuum").fetchone()[0]:
+                    return
+                self._db.executescript(f"PRAGMA incremental_vacuum({DELETE_BATCH});")  # steps it to the end
+            time.sleep(pause)
 
     def close(self) -> None:
         with self._lock:

@@ -77,6 +77,8 @@ class SocketmapConfig:
     idle_timeout: float = field(default=60.0, metadata=limits(min=0.1, max=86400))
     max_connections: int = field(default=1024, metadata=limits(min=1, max=1_000_000))
     max_request: int = field(default=10000, metadata=limits(min=256, max=1_048_576))
+    # first to last byte of a request
+    frame_timeout: float = field(default=10.0, metadata=limits(min=0.1, max=3600))
     maps: dict[str, MapOptions] = field(default_factory=lambda: dict(DEFAULT_MAPS),
                                         metadata=limits(min=1, check=map_names))
 
@@ -89,6 +91,7 @@ class EximConfig:
     socket_mode: FileMode = FileMode("0660")
     max_request: int = field(default=1024, metadata=limits(min=256, max=65536))
     read_timeout: float = field(default=10.0, metadata=limits(min=0.1, max=3600))
+    max_connections: int = field(default=1024, metadata=limits(min=1, max=100_000))
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,18 @@ class CacheConfig:
     memory_entries: int = field(default=100_000, metadata=limits(min=1, max=10_000_000))
     # seconds between checks of the file and retries of the entries the disk refused (README "Cache health")
     check_interval: float = field(default=30.0, metadata=limits(min=0.1, max=3600))
+    # Pruning (cache.PruneSettings): rows that no longer serve are deleted, so the file stays bounded.
+    prune_after: float = field(default=30 * 86400, metadata=limits(min=3600))
+    negative_grace: float = field(default=86400, metadata=limits(min=0))
+    max_negative_entries: int = field(default=100_000, metadata=limits(min=100))
+    prune_interval: float = field(default=600, metadata=limits(min=1, max=86400))
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     # None: no metrics listener; "127.0.0.1:9461", a bare port means loopback
     listen: str | None = field(default=None, metadata=limits(check=metrics_address))
+    max_connections: int = field(default=64, metadata=limits(min=1, max=10_000))
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,8 @@ class Config:
     # threads for DNS/HTTPS work (concurrent resolutions)
     workers: int = field(default=32, metadata=limits(min=1, max=1024))
     log_level: str = field(default="info", metadata=limits(choices=LOG_LEVELS))
+    # SIGTERM to exit, always; below systemd's TimeoutStopSec (45 s in contrib/systemd).
+    drain_timeout: float = field(default=20.0, metadata=limits(min=1, max=3600))
 
 
 class WrittenInt(int):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable
 
 from . import sdnotify
-from .cache import PolicyCache, default_cache_path
+from .cache import PolicyCache, PruneSettings, default_cache_path
 from .config import Config, override_table
 from .discovery import Discovery
 from .exim import EximFrontEnd, EximProtocol, EximSettings
@@ -20,6 +21,7 @@ from .resolution import PolicyResolver, merge
 from .service import PolicyService
 from .signals import early_hup
 from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
+from .workers import in_thread
 
 log = logging.getLogger("mtasts_policyd")
 
@@ -56,11 +58,43 @@ def build_resolver(config: Config, *, memory_only: bool = False) -> PolicyResolv
 def socketmap_settings(config: Config) -> SocketmapSettings:
     c = config.socketmap
     return SocketmapSettings(maps=c.maps, max_request=c.max_request, idle_timeout=c.idle_timeout,
-                             max_connections=c.max_connections)
+                             max_connections=c.max_connections, frame_timeout=c.frame_timeout)
+
+
+def exim_settings(config: Config) -> EximSettings:
+    c = config.exim
+    return EximSettings(max_request=c.max_request, read_timeout=c.read_timeout, max_connections=c.max_connections)
+
+
+def prune_settings(config: Config) -> PruneSettings:
+    """What the daemon and `warm` prune from the cache (README "Cache size")."""
+    c = config.cache
+    return PruneSettings(prune_after=c.prune_after, negative_grace=c.negative_grace,
+                         max_negative_entries=c.max_negative_entries)
+
+
+def raise_open_files_limit(config: Config) -> None:
+    """Every connection, DNS query in flight and HTTPS fetch is a file descriptor; the soft limit
+    (often 1024) is raised to the hard one, and a budget of the configured bounds that does not
+    fit is logged, so that accept() failing with EMFILE is foreseen rather than met."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    budget = (config.socketmap.max_connections * len(config.socketmap.listen)
+              + config.exim.max_connections * len(config.exim.listen)
+              + config.metrics.max_connections + config.resolver.max_pending + 2 * config.workers + 64)
+    if soft != resource.RLIM_INFINITY and budget > soft:
+        log.warning("open files limit %d is below what the configured bounds may use (%d: connections, "
+                    "resolver.max_pending, workers); raise LimitNOFILE or lower them", soft, budget)
 
 
 def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: SocketmapFrontEnd,
-                 exim: EximFrontEnd) -> None:
+                 exim: EximFrontEnd, *, metrics: MetricsServer | None = None,
+                 service: PolicyService | None = None) -> None:
     """SIGHUP: take what can change without closing a connection; say what needs a restart.
 
     All or nothing: everything is built first (ValueError leaves the daemon untouched), then
@@ -68,16 +102,23 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: S
     """
     overrides = override_table(new)
     settings = socketmap_settings(new)
-    exim_settings = EximSettings(new.exim.max_request, new.exim.read_timeout)
+    new_exim_settings = exim_settings(new)
+    pruning = prune_settings(new)
     level = logging.getLevelName(new.log_level.upper())
     if not isinstance(level, int):
         raise ValueError(f"log_level: unknown level {new.log_level!r}")
     resolver.overrides = overrides
     resolver.settings = new.resolver
     front.settings = settings
-    exim.settings = exim_settings
+    exim.settings = new_exim_settings
+    if metrics is not None:
+        metrics.max_connections = new.metrics.max_connections
+    if service is not None:
+        service.prune_settings, service.prune_interval = pruning, new.cache.prune_interval
     logging.getLogger().setLevel(level)
-    fixed = [name for name in ("cache", "dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
+    fixed = [name for name in ("dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
+    fixed += [f"cache.{name}" for name in ("path", "memory_entries")
+              if getattr(config.cache, name) != getattr(new.cache, name)]
     fixed += [f"{name}.listen" for name in ("socketmap", "exim", "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]
     log.info("reloaded configuration: overrides=%d maps=%s%s", len(resolver.overrides),
@@ -112,10 +153,12 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     loop.add_signal_handler(signal.SIGHUP, hup.set)
     if early_hup():  # arrived before the event loop (signals.catch_early_hup)
         hup.set()
+    raise_open_files_limit(config)
     resolver = build_resolver(config)
     service = PolicyService(resolver, workers=config.workers)
+    service.prune_settings, service.prune_interval = prune_settings(config), config.cache.prune_interval
     front = SocketmapFrontEnd(service, socketmap_settings(config))
-    exim = EximFrontEnd(service, EximSettings(config.exim.max_request, config.exim.read_timeout))
+    exim = EximFrontEnd(service, exim_settings(config))
     servers = []
     for kind, listen, owner, mode, factory in (
             ("socketmap", config.socketmap.listen, config.socketmap.socket_owner, config.socketmap.socket_mode,
@@ -126,7 +169,9 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             address = parse_address(text)
             servers.append(await open_listener(factory, address, SocketPermissions(owner, int(mode, 8))))
             log.info("listening %s=%s", kind, address)
-    metrics = MetricsServer(resolver.cache, connections=lambda: front.connections)
+    metrics = MetricsServer(resolver.cache, connections=lambda: front.connections,
+                            max_connections=config.metrics.max_connections,
+                            listeners={"socketmap": front.slots, "exim": exim.slots}, pending=lambda: service.pending)
     metrics_listener = None
     if config.metrics.listen:  # opt-in: no HTTP listener unless configured
         address = parse_metrics_address(config.metrics.listen)
@@ -146,7 +191,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             sdnotify.reloading()
             try:
                 new = reload() if reload is not None else config
-                apply_reload(config, new, resolver, front, exim)
+                apply_reload(config, new, resolver, front, exim, metrics=metrics, service=service)
                 config = new
             except ValueError as exc:  # ConfigError included: nothing was applied
                 log.error("reload failed, keeping the running configuration: %s", exc)
@@ -155,23 +200,42 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     flusher = asyncio.create_task(service.run_flusher())
     keeper = asyncio.create_task(keep_cache(resolver.cache, config.cache.check_interval))
     reloader = asyncio.create_task(reloads())
+    pruner = asyncio.create_task(service.run_pruner())
     sdnotify.ready()  # listeners accept, the cache is open (or known to be memory-only)
+    deadline: float | None = None
     try:
         await stop.wait()
         sdnotify.stopping()
-        log.info("stopping: draining lookups in flight")
+        deadline = loop.time() + config.drain_timeout
+        log.info("stopping: draining lookups in flight for up to %gs", config.drain_timeout)
         metrics.stopping = True  # /health says 503 while the lookups in flight finish
         for server in servers:
             server.close()
-        await service.drain()
+        await service.drain(deadline)
     finally:
         if metrics_listener is not None:
             metrics_listener.close()
         flusher.cancel()
         keeper.cancel()
         reloader.cancel()
+        pruner.cancel()
         service.close()
-        if resolver.cache.unsaved:
-            resolver.cache.maintain(merge)  # a last try to write what the disk refused
-        resolver.cache.close()
+        await close_cache(resolver.cache, deadline)
         log.info("stopped")
+
+
+async def close_cache(cache: PolicyCache, deadline: float | None) -> None:
+    """Close the cache under its lock, so no worker thread left in DNS or HTTPS can touch the file
+    afterwards, and exit without waiting for those threads (workers.py). Within the drain deadline:
+    a close stuck behind another process's write lock is left to SQLite's crash safety (WAL)."""
+    def last_write_and_close() -> None:
+        if cache.unsaved:
+            cache.maintain(merge)  # a last try to write what the disk refused
+        cache.close()
+
+    closing = in_thread(last_write_and_close)
+    try:
+        timeout = None if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0.5)
+        await asyncio.wait_for(asyncio.shield(closing), timeout)
+    except asyncio.TimeoutError:
+        log.warning("stopping: the cache did not close within the drain timeout; exiting anyway")

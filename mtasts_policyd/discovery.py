@@ -8,11 +8,13 @@ apart from "we could not ask" (timeout, SERVFAIL), which must never be cached as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 import ipaddress
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import dns.asyncresolver
 import dns.exception
 import dns.message
 import dns.name
@@ -82,53 +84,89 @@ def _answer_ttl(answer: dns.resolver.Answer) -> int:
     return answer.chaining_result.minimum_ttl if answer.rrset is not None else 0
 
 
+R = TypeVar("R", dns.resolver.Resolver, dns.asyncresolver.Resolver)
+
+
+def _configured(kind: type[R], settings: DnsSettings) -> R:
+    """A resolver of `kind` (sync or asyncio) asking where `settings` say, within its timeout."""
+    if settings.nameservers:
+        resolver = kind(configure=False)
+        resolver.nameservers = list(settings.nameservers)
+    else:
+        resolver = kind()
+    resolver.port = settings.port
+    resolver.lifetime = settings.timeout
+    resolver.timeout = min(settings.timeout, 2.0)
+    return resolver
+
+
+@contextlib.contextmanager
+def _dns_errors(name: str, rdtype: str) -> Iterator[None]:
+    """Turn dnspython's exceptions into the taxonomy: "the domain says no" (NoRecord, with the
+    RFC 2308 negative TTL) apart from "we could not ask" (DnsTemporaryFailure)."""
+    try:
+        yield
+    except dns.resolver.NXDOMAIN as exc:
+        responses = list(exc.responses().values())
+        raise NoRecord(f"{name} does not exist (NXDOMAIN)",
+                       ttl=_negative_ttl(responses[0] if responses else None)) from None
+    except dns.resolver.NoAnswer as exc:
+        raise NoRecord(f"{name} has no {rdtype} record", ttl=_negative_ttl(exc.response())) from None
+    except dns.resolver.YXDOMAIN:
+        raise NoRecord(f"{name} is too long after CNAME expansion") from None
+    except dns.resolver.NoNameservers as exc:
+        raise DnsTemporaryFailure(f"{name} {rdtype}: no server answered ({_short(exc)})") from None
+    except dns.resolver.LifetimeTimeout:
+        raise DnsTemporaryFailure(f"{name} {rdtype}: timed out") from None
+    except dns.exception.DNSException as exc:
+        raise DnsTemporaryFailure(f"{name} {rdtype}: {_short(exc)}") from None
+
+
+def _parse_txt(answer: dns.resolver.Answer, parse: Callable[[list[bytes]], T]) -> tuple[T, int]:
+    """A TXT answer parsed, with its TTL; a parse failure carries the RRset's TTL (that is what is cached)."""
+    # RFC 8461 §3.1, RFC 8460 §3: strings of one RR are joined with nothing between them.
+    rrs = [join_strings(rdata.strings) for rdata in answer]
+    ttl = _answer_ttl(answer)
+    try:
+        return parse(rrs), ttl
+    except MtaStsError as exc:
+        exc.ttl = ttl
+        raise
+
+
 class Discovery:
-    """Thread-safe: dnspython's Resolver may be shared as long as nobody changes its settings."""
+    """Thread-safe: dnspython's Resolver may be shared as long as nobody changes its settings.
+
+    The `_mta-sts` TXT query also has an asyncio form (`sts_record_async`) for the daemon: it is
+    the first step of every resolution and the one that hangs for domains whose DNS never
+    answers, so on the event loop a flood of those costs sockets and timers, not worker threads.
+    Both forms share one mapping from DNS answers and errors to results (`_dns_errors`, `_parse_txt`).
+    """
 
     def __init__(self, settings: DnsSettings = DnsSettings()) -> None:
-        if settings.nameservers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = list(settings.nameservers)
-        else:
-            resolver = dns.resolver.Resolver()
-        resolver.port = settings.port
-        resolver.lifetime = settings.timeout
-        resolver.timeout = min(settings.timeout, 2.0)
-        self._resolver = resolver
+        self._settings = settings
+        self._resolver = _configured(dns.resolver.Resolver, settings)
+        self._async_resolver: dns.asyncresolver.Resolver | None = None  # made on first use (daemon only)
 
     def _query(self, name: str, rdtype: str) -> dns.resolver.Answer:
-        try:
+        with _dns_errors(name, rdtype):
             return self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=True)
-        except dns.resolver.NXDOMAIN as exc:
-            responses = list(exc.responses().values())
-            raise NoRecord(f"{name} does not exist (NXDOMAIN)",
-                           ttl=_negative_ttl(responses[0] if responses else None)) from None
-        except dns.resolver.NoAnswer as exc:
-            raise NoRecord(f"{name} has no {rdtype} record", ttl=_negative_ttl(exc.response())) from None
-        except dns.resolver.YXDOMAIN:
-            raise NoRecord(f"{name} is too long after CNAME expansion") from None
-        except dns.resolver.NoNameservers as exc:
-            raise DnsTemporaryFailure(f"{name} {rdtype}: no server answered ({_short(exc)})") from None
-        except dns.resolver.LifetimeTimeout:
-            raise DnsTemporaryFailure(f"{name} {rdtype}: timed out") from None
-        except dns.exception.DNSException as exc:
-            raise DnsTemporaryFailure(f"{name} {rdtype}: {_short(exc)}") from None
 
     def _parsed_txt(self, name: str, parse: Callable[[list[bytes]], T]) -> tuple[T, int]:
-        """TXT at `name`, parsed; a parse failure carries the RRset's TTL (that is what is cached)."""
-        answer = self._query(name, "TXT")
-        # RFC 8461 §3.1, RFC 8460 §3: strings of one RR are joined with nothing between them.
-        rrs = [join_strings(rdata.strings) for rdata in answer]
-        ttl = _answer_ttl(answer)
-        try:
-            return parse(rrs), ttl
-        except MtaStsError as exc:
-            exc.ttl = ttl
-            raise
+        return _parse_txt(self._query(name, "TXT"), parse)
 
     def sts_record(self, domain: str) -> StsAnswer:
         """RFC 8461 §3.1: the policy record of `domain`; CNAMEs are followed by the resolver."""
-        return StsAnswer(*self._parsed_txt(f"_mta-sts.{domain}.", select_record))
+        return StsAnswer(*self._parsed_txt(_sts_name(domain), select_record))
+
+    async def sts_record_async(self, domain: str) -> StsAnswer:
+        """sts_record on the running event loop (dnspython's asyncio resolver): same settings, same results."""
+        if self._async_resolver is None:
+            self._async_resolver = _configured(dns.asyncresolver.Resolver, self._settings)
+        name = _sts_name(domain)
+        with _dns_errors(name, "TXT"):
+            answer = await self._async_resolver.resolve(name, "TXT", search=False, raise_on_no_answer=True)
+        return StsAnswer(*_parse_txt(answer, select_record))
 
     def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
         """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
@@ -159,6 +197,10 @@ class Discovery:
         hosts = sorted(answer, key=lambda rdata: rdata.preference)
         ttl = _answer_ttl(answer)
         return [rdata.exchange.to_text(omit_final_dot=True).lower() for rdata in hosts], ttl
+
+
+def _sts_name(domain: str) -> str:
+    return f"_mta-sts.{domain}."  # RFC 8461 §3.1
 
 
 def _short(exc: BaseException) -> str:

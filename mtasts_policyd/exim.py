@@ -19,11 +19,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .listeners import ConnectionSlots
 from .metrics import REGISTRY
 from .names import clean_key
 from .policy import Mode
 from .resolution import Decision
-from .service import PolicyService, describe
+from .service import QUIET_STATES, PolicyService, ServiceStopping, describe
 
 log = logging.getLogger("mtasts_policyd.exim")
 
@@ -32,6 +33,7 @@ log = logging.getLogger("mtasts_policyd.exim")
 class EximSettings:
     max_request: int = 1024  # bytes; one domain and one host name fit many times over
     read_timeout: float = 10.0  # a client that sends nothing (or half a line) is dropped after this
+    max_connections: int = 1024  # at the cap, the oldest connection still sending its request is closed
 
 
 def policy_reply(decision: Decision | None) -> str:
@@ -53,6 +55,7 @@ class EximFrontEnd:
         self.service = service
         self.settings = settings
         self.metrics = REGISTRY.frontends["exim"]
+        self.slots = ConnectionSlots()
 
     async def answer(self, request: bytes) -> str:
         started = time.perf_counter()
@@ -72,10 +75,11 @@ class EximFrontEnd:
         reply = mx_reply(decision, args[1]) if verb == "mx" else policy_reply(decision)
         answer = reply.split(" ", 1)[0]
         self.metrics.answered(answer, decision, time.perf_counter() - started)
-        if log.isEnabledFor(logging.INFO):
+        level = logging.DEBUG if decision is None or decision.cache in QUIET_STATES else logging.INFO  # README "Logs"
+        if log.isEnabledFor(level):
             target = f" host={args[1]}" if verb == "mx" else ""
             what = describe(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"
-            log.info("exim verb=%s answer=%s %s%s", verb, answer, what, target)
+            log.log(level, "exim verb=%s answer=%s %s%s", verb, answer, what, target)
         return reply
 
     def _error(self, reason: str, started: float) -> str:
@@ -92,12 +96,30 @@ class EximProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.answered = False  # set once a request was taken (or refused): nothing more is read
         self.timer: asyncio.TimerHandle | None = None
+        self.connected_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.timer = asyncio.get_running_loop().call_later(self.front.settings.read_timeout, self._timed_out)
+        loop = asyncio.get_running_loop()
+        self.connected_at = loop.time()
+        limit = self.front.settings.max_connections
+        if not self.front.slots.admit(self, limit):
+            log.warning("exim answer=error reason='all %d connections have a lookup pending'", limit)
+            self._finish("error too many connections to mtasts-policyd")
+            return
+        self.timer = loop.call_later(self.front.settings.read_timeout, self._timed_out)
+
+    def eviction_rank(self) -> tuple[int, float] | None:
+        """Only a connection whose request has not arrived yet may be evicted (ConnectionSlots)."""
+        return None if self.answered else (0, self.connected_at)
+
+    def evict(self) -> None:
+        log.warning("exim answer=error reason='evicted: request not sent after %.1fs, %d connections open'",
+                    asyncio.get_running_loop().time() - self.connected_at, len(self.front.slots))
+        self._finish("error too many connections to mtasts-policyd")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.front.slots.release(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:
@@ -137,6 +159,10 @@ class EximProtocol(asyncio.Protocol):
     async def _answer(self, request: bytes) -> None:
         try:
             reply = await self.front.answer(request)
+        except ServiceStopping:
+            log.warning("exim answer=error reason=stopping")
+            self.front.metrics.answered("error", None)
+            reply = "error mtasts-policyd is stopping"
         except Exception as exc:  # never a silent downgrade: Exim sees an error, not "none"
             log.error("exim answer=error reason=internal-error error=%r", exc)
             self.front.metrics.answered("error", None)

@@ -18,6 +18,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -141,3 +142,48 @@ async def open_listener(factory: Callable[[], asyncio.Protocol], address: Addres
             raise OSError(f"socket_owner: {exc}") from None
         os.chown(path, uid, gid)
     return server
+
+
+class Evictable(Protocol):
+    def eviction_rank(self) -> tuple[int, float] | None:
+        """None while the connection has a request being answered (never evicted); otherwise a
+        sort key, lowest evicted first: (0, since) for a request still arriving, (1, since) idle."""
+
+    def evict(self) -> None:
+        """Close the connection to make room (it was chosen by the rank above)."""
+
+
+class ConnectionSlots:
+    """A cap on one listener's open connections that makes room instead of refusing.
+
+    At the cap a newcomer is not turned away, or a few slow or idle clients could lock out every
+    new lookup: the connection that ranks lowest (a request still trickling in, then the one idle
+    longest) is closed instead. Postfix reconnects transparently on EOF; Exim opens a connection
+    per request anyway. Only when every connection has a request being answered is the newcomer
+    refused. Event loop thread only.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[Evictable, None] = {}  # insertion-ordered; a set with stable iteration
+        self.evicted = 0
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def admit(self, connection: Evictable, limit: int) -> bool:
+        """Take `connection` in, evicting others while at `limit`; False: refuse it (close it)."""
+        while len(self.open) >= limit:
+            ranked = ((rank, i, c) for i, c in enumerate(self.open) if (rank := c.eviction_rank()) is not None)
+            victim = min(ranked, default=None)
+            if victim is None:
+                self.refused += 1
+                return False
+            del self.open[victim[2]]
+            self.evicted += 1
+            victim[2].evict()
+        self.open[connection] = None
+        return True
+
+    def release(self, connection: Evictable) -> None:
+        self.open.pop(connection, None)

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .cache import connect_readonly
 from .errors import FailureKind
-from .listeners import Address, parse_address
+from .listeners import Address, ConnectionSlots, parse_address
+from .workers import in_thread
 
 if TYPE_CHECKING:
     from .cache import PolicyCache
@@ -48,7 +49,7 @@ OVERRIDE_ACTIONS = ("ignore", "enforce")
 REFRESH_OUTCOMES = ("fetched", "changed", "unchanged", "kept", "no-policy", "failed")
 MAX_HTTP_REQUEST = 8192  # bytes of request line and headers
 HTTP_READ_TIMEOUT = 5.0  # seconds to send them
-MAX_HTTP_CONNECTIONS = 64
+DROP_REASONS = ("busy", "timeout", "abandoned", "stopping")  # service.py: resolutions not seen through
 COUNT_TIME_LIMIT = 1.0  # seconds a scrape may spend counting the SQLite cache's rows
 
 
@@ -94,6 +95,7 @@ class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
         self.frontends = {name: FrontEndMetrics(name) for name in FRONTENDS}  # event loop thread only
+        self.resolutions_dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)  # event loop thread only
         # Any thread, under _lock.
         self._lock = threading.Lock()
         fetch_failures = [k.value for k in (FailureKind.FETCH_ERROR, FailureKind.CERTIFICATE_INVALID,
@@ -145,6 +147,10 @@ class Metrics:
         family("mtasts_protocol_errors_total", "counter",
                "Connections closed for a protocol error (broken netstring, oversized or missing request line).",
                (({"frontend": f.name}, f.protocol_errors) for f in fronts))
+        family("mtasts_resolutions_dropped_total", "counter",
+               "Resolutions not seen through: busy (max_pending reached, not started), timeout (a lookup "
+               "waited lookup_timeout), abandoned (every waiting client left), stopping (SIGTERM).",
+               (({"reason": r}, n) for r, n in sorted(self.resolutions_dropped.items())))
         family("mtasts_fetches_total", "counter", "HTTPS policy fetches, by result (ok or the failure kind).",
                (({"result": r}, n) for r, n in sorted(fetches.items())))
         family("mtasts_refreshes_total", "counter",
@@ -236,12 +242,17 @@ class MetricsServer:
     """What the HTTP listener serves: /metrics from the registry plus gauges computed on scrape, and /health."""
 
     def __init__(self, cache: PolicyCache, registry: Metrics = REGISTRY,
-                 connections: Callable[[], int] | None = None) -> None:
+                 connections: Callable[[], int] | None = None, max_connections: int = 64,
+                 listeners: dict[str, ConnectionSlots] | None = None,
+                 pending: Callable[[], int] | None = None) -> None:
         self.cache = cache
         self.registry = registry
         self.connections = connections  # socketmap connections open now
         self.stopping = False  # set on SIGTERM: /health answers 503 while lookups drain
-        self.open = 0
+        self.max_connections = max_connections  # metrics.max_connections; reloadable
+        self.slots = ConnectionSlots()  # this listener's own connections
+        self.listeners = {**(listeners or {}), "metrics": self.slots}  # name -> slots, for the gauges
+        self.pending = pending  # resolutions in flight or queued now
 
     def protocol(self) -> HttpProtocol:
         return HttpProtocol(self)
@@ -263,7 +274,7 @@ class MetricsServer:
     async def metrics(self) -> str:
         rows = None
         if self.cache.persistent and self.cache.path is not None:
-            rows = await asyncio.get_running_loop().run_in_executor(None, count_rows, self.cache.path)
+            rows = await in_thread(count_rows, self.cache.path)  # bounded by its own time limit
         memory = self.cache.memory_size
         entries: list[tuple[dict[str, str], float]] = [({"store": "memory"}, memory)]
         if rows is not None:
@@ -282,6 +293,18 @@ class MetricsServer:
         if self.connections is not None:
             gauges.append(("mtasts_socketmap_connections", "gauge", "Socketmap connections open now.",
                            [({}, self.connections())]))
+        listeners = sorted(self.listeners.items())
+        gauges.append(("mtasts_connections", "gauge", "Connections open now, by listener.",
+                       [({"listener": name}, len(slots)) for name, slots in listeners]))
+        gauges.append(("mtasts_connections_evicted_total", "counter",
+                       "Connections closed to make room for a new one at the listener's max_connections.",
+                       [({"listener": name}, slots.evicted) for name, slots in listeners]))
+        gauges.append(("mtasts_connections_refused_total", "counter",
+                       "New connections closed at max_connections because every open one had a request pending.",
+                       [({"listener": name}, slots.refused) for name, slots in listeners]))
+        if self.pending is not None:
+            gauges.append(("mtasts_resolutions_pending", "gauge", "Resolutions in flight or queued now.",
+                           [({}, self.pending())]))
         return self.registry.render(gauges)
 
 
@@ -299,18 +322,34 @@ class HttpProtocol(asyncio.Protocol):
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.connected_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.open += 1
-        if self.server.open > MAX_HTTP_CONNECTIONS:
+        loop = asyncio.get_running_loop()
+        self.connected_at = loop.time()
+        if not self.server.slots.admit(self, self.server.max_connections):
+            log.warning("metrics connection refused: all %d connections are being answered", self.server.max_connections)
             self.done = True
             transport.close()
             return
-        self.timer = asyncio.get_running_loop().call_later(HTTP_READ_TIMEOUT, self._timed_out)
+        self.timer = loop.call_later(HTTP_READ_TIMEOUT, self._timed_out)
+
+    def eviction_rank(self) -> tuple[int, float] | None:
+        """Incomplete requests go first, then replies still being sent; a /metrics being rendered stays."""
+        if not self.done:
+            return 0, self.connected_at
+        if self.task is not None and not self.task.done():
+            return None
+        return 1, self.connected_at
+
+    def evict(self) -> None:
+        self.done = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.open -= 1
+        self.server.slots.release(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.task is not None:

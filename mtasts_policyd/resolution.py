@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .cache import Entry, PolicyCache
-from .discovery import Discovery
+from .discovery import Discovery, StsAnswer
 from .errors import DnsTemporaryFailure, Failure, InvalidRecord, MtaStsError, NoRecord
 from .fetch import PolicyFetcher
 from .limits import limits
@@ -86,6 +86,9 @@ class ResolverSettings:
     backoff_max: int = field(default=3600, metadata=limits(min=1, max=SECONDS_MAX))
     # DNS failures are usually shorter-lived than broken web servers
     dns_backoff_min: int = field(default=30, metadata=limits(min=1, max=SECONDS_MAX))
+    # The daemon's bounds on network work (service.py), so that no flood can queue work without end:
+    max_pending: int = field(default=1024, metadata=limits(min=1, max=100_000))  # resolutions in flight or queued
+    lookup_timeout: float = field(default=30.0, metadata=limits(min=0.1, max=3600))  # a waiting lookup's deadline
 
 
 def _clamp(value: int | None, low: int, high: int) -> int:
@@ -184,17 +187,23 @@ class PolicyResolver:
         self._decisions[entry.domain] = (entry, state, decision)
         return decision
 
-    def resolve(self, domain: str, refetch: bool = False) -> Decision:
+    @property
+    def discovery(self) -> Discovery:
+        return self._discovery
+
+    def resolve(self, domain: str, refetch: bool = False, txt: StsAnswer | MtaStsError | None = None) -> Decision:
         """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision.
 
         `refetch`: fetch the policy even if its id is unchanged (RFC 8461 §10.2, the warmer), so
         that max_age restarts from this fetch.
+        `txt`: the `_mta-sts` TXT answer (or its failure) when the caller already asked for it (the
+        daemon asks on its event loop, `Discovery.sts_record_async`); None asks here.
         """
         now = self._clock()
         overridden = self._overridden(domain, now)
         if overridden is not None:
             return overridden
-        entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now, refetch)
+        entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now, refetch, txt)
         entry = self._commit(self._refresh_mx(entry, now))
         decision = decision_from(entry, now, CacheState.MISS)
         REGISTRY.refreshed(outcome)
@@ -215,12 +224,18 @@ class PolicyResolver:
         log.error("cache domain=%s kept changing under us; this result was not stored", entry.domain)
         return entry
 
-    def _refresh_policy(self, entry: Entry, now: float, refetch: bool = False) -> tuple[Entry, str]:
+    def _refresh_policy(self, entry: Entry, now: float, refetch: bool = False,
+                        txt: StsAnswer | MtaStsError | None = None) -> tuple[Entry, str]:
         """The entry after asking DNS (and HTTPS when needed), and a word on what happened."""
         usable = entry.usable_policy(now)
         s = self.settings
         try:
-            answer = self._discovery.sts_record(entry.domain)
+            if txt is None:
+                answer = self._discovery.sts_record(entry.domain)
+            elif isinstance(txt, MtaStsError):
+                raise txt
+            else:
+                answer = txt
         except (NoRecord, InvalidRecord) as exc:
             if usable is not None:
                 # RFC 8461 §5.1: a missing or broken TXT record does not remove a cached policy.

@@ -1,9 +1,19 @@
 """The asynchronous face of the resolver, shared by every front end of one daemon.
 
-Cache hits are answered on the event loop without touching a thread; everything that needs the
-network runs in a bounded thread pool. Concurrent lookups of one domain share a single
-resolution (one DNS query, one HTTPS fetch), whether it is a foreground miss or a background
-refresh.
+Cache hits are answered on the event loop without touching a thread. A miss is one resolution,
+shared by every lookup of that domain (one DNS query, one HTTPS fetch), whether it is a foreground
+miss or a background refresh, in two steps:
+
+1. the `_mta-sts` TXT query, on the event loop (dnspython's asyncio resolver): it is where
+   domains whose DNS never answers spend their time, and there they cost a socket and a timer,
+   not a worker thread, so a flood of them cannot hold up anybody else's lookup;
+2. the rest of the algorithm (`PolicyResolver.resolve` with that answer: HTTPS fetch, MX
+   lookup, cache write) in a bounded pool of worker threads.
+
+Nothing grows without bound: at most `resolver.max_pending` resolutions are in flight or queued
+(a lookup beyond that is answered at once, as for a DNS failure), each waiting lookup gives up
+after `resolver.lookup_timeout`, and a resolution that nobody waits for any more (every client
+gone) is cancelled unless it is a background refresh.
 """
 
 from __future__ import annotations
@@ -11,11 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from .resolution import Decision, PolicyResolver
+from .cache import PruneSettings
+from .discovery import StsAnswer
+from .errors import Failure, FailureKind, MtaStsError
+from .metrics import REGISTRY
+from .resolution import CacheState, Decision, PolicyResolver
+from .workers import DaemonThreadPool, in_thread
 
 log = logging.getLogger("mtasts_policyd.service")
+
+LOOKUP_TIMES_FLUSH = 30.0  # seconds between batched writes of lookup times
+PRUNE_POLL = 5.0  # seconds between looks at how many rows were added since the last prune
 
 
 def describe(decision: Decision) -> str:
@@ -25,45 +42,131 @@ def describe(decision: Decision) -> str:
     return f"domain={decision.domain} cache={decision.cache.value} reason={decision.reason}{failure}{override}"
 
 
+# Answers from the cache with no network and nothing an operator must see: logged at debug, as a
+# line per cached lookup would cost more than the lookup. Misses, refreshes, failures (back-off
+# included) and overrides stay at info (README "Logs"). A tuple: `in` compares by identity first.
+QUIET_STATES = (CacheState.HIT, CacheState.NEGATIVE)
+
+
+class ServiceStopping(Exception):
+    """The daemon is stopping: no new resolution starts, and the ones left at the deadline end."""
+
+
+class Resolution:
+    """One domain's network resolution and the lookups waiting for it."""
+
+    __slots__ = ("domain", "task", "background", "waiters", "deadline")
+
+    def __init__(self, domain: str, task: asyncio.Task[Decision], background: bool, deadline: float) -> None:
+        self.domain = domain
+        self.task = task
+        self.background = background  # a refresh: finished even when nobody waits
+        self.waiters = 0
+        self.deadline = deadline  # loop time after which waiting lookups are answered without it
+
+
 class PolicyService:
-    def __init__(self, resolver: PolicyResolver, workers: int = 32, max_background: int = 1000) -> None:
+    def __init__(self, resolver: PolicyResolver, workers: int = 32) -> None:
         self.resolver = resolver
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resolve")
-        self._inflight: dict[str, asyncio.Future[Decision]] = {}
-        self._max_background = max_background
+        self._executor = DaemonThreadPool(workers, "resolve")
+        self._pending: dict[str, Resolution] = {}
         self._seen: dict[str, float] = {}
-        self._flusher: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.dropped = REGISTRY.resolutions_dropped  # reason -> count (event loop thread only)
+        self.prune_settings = PruneSettings()  # cache.* keys; replaced on reload
+        self.prune_interval = 600.0
+
+    @property
+    def pending(self) -> int:
+        """Resolutions in flight or queued."""
+        return len(self._pending)
 
     async def lookup(self, domain: str) -> Decision:
         decision = self.cached(domain)
         if decision is not None:
             return decision
-        return await asyncio.shield(self._resolve(domain))
+        return await self.resolve(domain)
 
     def cached(self, domain: str) -> Decision | None:
         """The fast path alone, for front ends that want to avoid a coroutine on a hit."""
         self._seen[domain] = time.time()
         decision, refresh_due = self.resolver.cached(domain)
-        if decision is not None and refresh_due and domain not in self._inflight \
-                and len(self._inflight) < self._max_background:
-            self._resolve(domain)
+        # A refresh never takes more than half the room: misses, which wait, come first.
+        if decision is not None and refresh_due and domain not in self._pending and not self.stopping \
+                and len(self._pending) < self.resolver.settings.max_pending // 2:
+            self._start(domain, background=True)
         return decision
 
-    def _resolve(self, domain: str) -> asyncio.Future[Decision]:
-        future = self._inflight.get(domain)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, self.resolver.resolve, domain)
-            self._inflight[domain] = future
-            future.add_done_callback(lambda f: self._done(domain, f))
-        return future
+    async def resolve(self, domain: str) -> Decision:
+        """Wait for the domain's resolution (joining one in flight), within `lookup_timeout`."""
+        resolution = self._pending.get(domain)
+        if resolution is None:
+            if self.stopping:
+                raise ServiceStopping()
+            limit = self.resolver.settings.max_pending
+            if len(self._pending) >= limit:
+                return self._unanswered(domain, "busy", f"{limit} resolutions pending (resolver.max_pending)")
+            resolution = self._start(domain, background=False)
+        task = resolution.task
+        resolution.waiters += 1
+        try:
+            timeout = resolution.deadline - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait((task,), timeout=max(timeout, 0.0))
+            if not done:
+                return self._unanswered(domain, "timeout", "no answer within resolver.lookup_timeout "
+                                        f"({self.resolver.settings.lookup_timeout:g}s)")
+            if task.cancelled():
+                raise ServiceStopping()  # only drain() cancels a resolution somebody waits for
+            return task.result()
+        finally:
+            resolution.waiters -= 1
+            if resolution.waiters == 0 and not resolution.background and not task.done():
+                # Every client has gone (or given up): drop the work, queued or asking DNS. A thread
+                # already running it finishes and stores its result; nobody waits for it.
+                task.cancel()
+                self._forget(resolution)
+                self._drop(domain, "abandoned")
 
-    def _done(self, domain: str, future: asyncio.Future[Decision]) -> None:
-        self._inflight.pop(domain, None)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("resolve domain=%s crashed: %r", domain, future.exception())
+    def _unanswered(self, domain: str, reason: str, detail: str) -> Decision:
+        """A lookup answered without its resolution: as for a DNS failure with nothing cached
+        (README: NOTFOUND), and nothing is written to the cache."""
+        self._drop(domain, reason)
+        log.warning("lookup domain=%s unanswered reason=%s pending=%d detail=%s", domain, reason,
+                    len(self._pending), detail)
+        return Decision(domain, None, CacheState.MISS, failure=Failure(FailureKind.DNS_TEMPORARY, detail))
 
-    async def run_flusher(self, interval: float = 30.0) -> None:
+    def _drop(self, domain: str, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if reason == "abandoned" and log.isEnabledFor(logging.DEBUG):
+            log.debug("resolve domain=%s cancelled: no client waits for it", domain)
+
+    def _start(self, domain: str, background: bool) -> Resolution:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run(domain))
+        resolution = Resolution(domain, task, background, loop.time() + self.resolver.settings.lookup_timeout)
+        self._pending[domain] = resolution
+        task.add_done_callback(lambda t: self._done(resolution, t))
+        return resolution
+
+    async def _run(self, domain: str) -> Decision:
+        txt: StsAnswer | MtaStsError
+        try:
+            txt = await self.resolver.discovery.sts_record_async(domain)
+        except MtaStsError as exc:
+            txt = exc  # no record, invalid record or a DNS failure: the resolver decides what it means
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.resolver.resolve, domain, False, txt)
+
+    def _forget(self, resolution: Resolution) -> None:
+        if self._pending.get(resolution.domain) is resolution:
+            del self._pending[resolution.domain]
+
+    def _done(self, resolution: Resolution, task: asyncio.Task[Decision]) -> None:
+        self._forget(resolution)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("resolve domain=%s crashed: %r", resolution.domain, task.exception())
+
+    async def run_flusher(self, interval: float = LOOKUP_TIMES_FLUSH) -> None:
         """Write lookup times to the cache in batches (the warmer refreshes what is in use)."""
         while True:
             await asyncio.sleep(interval)
@@ -74,11 +177,49 @@ class PolicyService:
         if seen:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.resolver.cache.touch, seen)
 
-    async def drain(self) -> None:
-        """Wait for resolutions in flight (SIGTERM), then flush lookup times."""
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()), timeout=30)
-        await self.flush()
+    async def run_pruner(self) -> None:
+        """Prune the cache every `prune_interval`, and sooner once many rows were added since (a
+        flood of new no-policy domains), so the row cap holds between runs. In a worker thread:
+        the prune deletes in small batches and never holds the cache for long (cache.py)."""
+        loop = asyncio.get_running_loop()
+        cache = self.resolver.cache
+        last, mark = loop.time(), cache.inserted
+        while True:
+            await asyncio.sleep(min(self.prune_interval, PRUNE_POLL))
+            settings = self.prune_settings
+            soon = max(settings.max_negative_entries // 10, 100)
+            if loop.time() - last < self.prune_interval and cache.inserted - mark < soon:
+                continue
+            last, mark = loop.time(), cache.inserted
+            try:
+                await loop.run_in_executor(self._executor, cache.prune, time.time(), settings)
+            except Exception as exc:  # pruning must never stop the daemon; the next run tries again
+                log.error("cache prune failed: %r", exc)
+
+    async def drain(self, deadline: float) -> None:
+        """SIGTERM: let resolutions in flight finish until `deadline` (loop time) minus a reserve,
+        cancel the rest (their clients are told the daemon is stopping), then write lookup times.
+
+        Nothing here waits on a worker thread: the last write runs in a thread of its own, so
+        threads stuck in DNS or HTTPS cannot stretch the stop past the deadline.
+        """
+        self.stopping = True
+        loop = asyncio.get_running_loop()
+        reserve = min(3.0, max(deadline - loop.time(), 0.0) / 4)  # for the answers and the last write
+        tasks = [r.task for r in self._pending.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(deadline - reserve - loop.time(), 0.0))
+        for resolution in list(self._pending.values()):
+            resolution.task.cancel()
+            self._drop(resolution.domain, "stopping")
+        await asyncio.sleep(0)  # let the waiting front ends write their answers
+        seen, self._seen = self._seen, {}
+        if seen:
+            try:
+                await asyncio.wait_for(in_thread(self.resolver.cache.touch, seen),
+                                       timeout=max(deadline - loop.time(), 0.01))
+            except asyncio.TimeoutError:
+                log.warning("stopping: lookup times not written within the drain timeout")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -13,24 +13,30 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
+from time import monotonic
 
+from .listeners import ConnectionSlots
 from .metrics import REGISTRY
 from .names import clean_key
 from .postfix import MapOptions, tls_policy
 from .resolution import Decision
-from .service import PolicyService, describe
+from .service import QUIET_STATES, PolicyService, ServiceStopping, describe
 
 log = logging.getLogger("mtasts_policyd.socketmap")
 
 MAX_LENGTH_DIGITS = 6
+# Requests of one connection waiting behind a lookup that needs the network. Postfix sends one
+# request at a time; a client that pipelines more is not read from until the queue drains.
+MAX_QUEUED = 64
 
 
 @dataclass(frozen=True)
 class SocketmapSettings:
     maps: dict[str, MapOptions] = field(default_factory=lambda: {"postfix": MapOptions()})
     max_request: int = 10000  # Postfix's own query limit (socketmap_max_query_size)
-    idle_timeout: float = 60.0  # Postfix closes idle connections after 10 s itself
-    max_connections: int = 1024
+    idle_timeout: float = 60.0  # between requests; Postfix closes idle connections after 10 s itself
+    max_connections: int = 1024  # at the cap the connection idle longest is closed (ConnectionSlots)
+    frame_timeout: float = 10.0  # from a request's first byte to its last: Postfix sends it at once
 
 
 def netstring(text: str) -> bytes:
@@ -44,11 +50,15 @@ class SocketmapFrontEnd:
     def __init__(self, service: PolicyService, settings: SocketmapSettings = SocketmapSettings()) -> None:
         self.service = service
         self.settings = settings
-        self.connections = 0
+        self.slots = ConnectionSlots()
         self.metrics = REGISTRY.frontends["socketmap"]
         # Reply text per (map options, decision object): cached decisions are reused objects, so
         # a hit formats nothing. The decision is kept in the value so its id cannot be reused.
         self._replies: dict[tuple[int, int], tuple[MapOptions, Decision, str]] = {}
+
+    @property
+    def connections(self) -> int:
+        return len(self.slots)
 
     def _policy_reply(self, options: MapOptions, decision: Decision) -> str:
         key = (id(options), id(decision))
@@ -67,27 +77,27 @@ class SocketmapFrontEnd:
         reply = self._policy_reply(options, decision) if decision is not None else "NOTFOUND "
         policy = reply != "NOTFOUND "
         self.metrics.answered("OK" if policy else "NOTFOUND", decision, elapsed)  # at once: 0 s, no clock read
-        if log.isEnabledFor(logging.INFO):
-            if decision is None:
-                log.info("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
-            else:
-                log.info("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", describe(decision))
+        # Cached answers and keys that cannot be domains are debug: at info, a line per cached
+        # lookup would cost more than the lookup (README "Logs").
+        if decision is None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
+        elif decision.cache in QUIET_STATES:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", describe(decision))
+        elif log.isEnabledFor(logging.INFO):
+            log.info("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", describe(decision))
         return reply
 
     def immediate(self, request: bytes) -> tuple[str | None, str | None]:
         """(reply, None) when answerable now; (None, domain) when the network is needed."""
         try:
-            text = request.decode("utf-8")
+            name, _, key = request.decode("utf-8").partition(" ")
         except UnicodeDecodeError:
-            log.info("socketmap request=%r answer=NOTFOUND reason=not-utf-8", request[:100])
-            self.metrics.answered("NOTFOUND", None)
-            return "NOTFOUND ", None
-        name, _, key = text.partition(" ")
+            return self._not_text(request), None
         options = self.settings.maps.get(name)
         if options is None:
-            log.warning("socketmap map=%r answer=PERM reason=unknown-map-name", name[:100])
-            self.metrics.answered("PERM", None)
-            return f"PERM unknown map name {name[:100]!r}; this daemon serves {', '.join(sorted(self.settings.maps))}", None
+            return self._unknown_map(name[:100], f"unknown map name {name[:100]!r}"), None
         domain = clean_key(key)
         if domain is None:
             return self._reply(name, key, options, None), None
@@ -96,12 +106,34 @@ class SocketmapFrontEnd:
             return None, domain
         return self._reply(name, key, options, decision), None
 
+    def _not_text(self, request: bytes) -> str:
+        """A request that is not UTF-8: PERM if the map name is not (a configuration or client
+        error must be loud), NOTFOUND if only the key is (it cannot be a domain: RFC 8461 §3.4)."""
+        raw_name, _, raw_key = request.partition(b" ")
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._unknown_map(raw_name[:100], "map name is not UTF-8 text")
+        options = self.settings.maps.get(name)
+        if options is None:
+            return self._unknown_map(name[:100], f"unknown map name {name[:100]!r}")
+        return self._reply(name, raw_key.decode("utf-8", "backslashreplace"), options, None)
+
+    def _unknown_map(self, name: str | bytes, reason: str) -> str:
+        log.warning("socketmap map=%r answer=PERM reason=unknown-map-name", name)
+        self.metrics.answered("PERM", None)
+        return f"PERM {reason}; this daemon serves {', '.join(sorted(self.settings.maps))}"
+
     async def resolve(self, request: bytes, domain: str) -> str:
         started = time.perf_counter()
         name, _, key = request.decode("utf-8").partition(" ")
         options = self.settings.maps[name]
         try:
             decision = await self.service.lookup(domain)
+        except ServiceStopping:
+            log.warning("socketmap map=%s domain=%s answer=TEMP reason=stopping", name, domain)
+            self.metrics.answered("TEMP", None, time.perf_counter() - started)
+            return "TEMP mtasts-policyd is stopping; try again"
         except Exception as exc:  # a bug must defer mail, never downgrade it silently
             log.error("socketmap map=%s domain=%s answer=TEMP reason=internal-error error=%r", name, domain, exc)
             self.metrics.answered("TEMP", None, time.perf_counter() - started)
@@ -110,49 +142,139 @@ class SocketmapFrontEnd:
 
 
 class SocketmapProtocol(asyncio.Protocol):
+    """One connection: netstrings in, replies out in request order, within bounds of time and memory.
+
+    Back-pressure: reading stops while the client does not read its replies (the transport's
+    write buffer is above its high-water mark: `pause_writing`) or while MAX_QUEUED requests wait
+    behind a lookup; it resumes when they drain. So a client that pipelines without reading costs
+    at most one read's worth of bytes, the write buffer and the queue, however much it sends.
+    Time: a request must be complete within `frame_timeout` of its first byte (bytes trickling in
+    do not extend it); between requests the connection may idle for `idle_timeout`, and a client
+    that reads none of its replies for `idle_timeout` is closed too.
+    """
+
     def __init__(self, front: SocketmapFrontEnd) -> None:
         self.front = front
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
         self.queue: collections.deque[tuple[bytes, str | None]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
-        self.last_activity = time.monotonic()
+        self.last_activity = self.loop.time()  # the last complete request or reply (idle timeout)
+        self.frame_started = 0.0  # first byte of the incomplete request in `buffer` (frame timeout)
+        self.write_paused_at: float | None = None  # since when the client has not read its replies
+        self.writable: asyncio.Future[None] | None = None  # resolved when writing may go on
+        self.reading = True
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.front.connections += 1
-        if self.front.connections > self.front.settings.max_connections:
-            log.warning("socketmap connection refused: more than %d connections", self.front.settings.max_connections)
+        limit = self.front.settings.max_connections
+        if not self.front.slots.admit(self, limit):
+            log.warning("socketmap connection refused: all %d connections have a lookup pending", limit)
+            self.closing = True
             transport.close()
             return
-        self._arm_timer(self.front.settings.idle_timeout)
+        self._arm_timer(self.last_activity + self.front.settings.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.front.connections -= 1
+        self.front.slots.release(self)
         self.closing = True
         if self.timer is not None:
             self.timer.cancel()
         if self.worker is not None:
-            self.worker.cancel()
+            self.worker.cancel()  # the client has gone: its lookups need no answer (service.py)
 
-    def _arm_timer(self, delay: float) -> None:
-        self.timer = asyncio.get_running_loop().call_later(delay, self._check_idle)
+    # --- ConnectionSlots ---
 
-    def _check_idle(self) -> None:
-        idle = time.monotonic() - self.last_activity
-        limit = self.front.settings.idle_timeout
-        if idle >= limit and self.worker is None:
-            log.info("socketmap connection closed after %.0fs idle", idle)
-            self._close()
+    def eviction_rank(self) -> tuple[int, float] | None:
+        if self.worker is not None:
+            return None  # a lookup is pending: its answer is awaited
+        if self.buffer:
+            return 0, self.frame_started
+        return 1, self.last_activity
+
+    def evict(self) -> None:
+        log.info("socketmap connection closed to make room: idle %.0fs%s, %d connections open",
+                 self.loop.time() - self.last_activity, " with an incomplete request" if self.buffer else "",
+                 len(self.front.slots))
+        self._close()
+
+    # --- time limits ---
+
+    def _arm_timer(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._check_time)
+
+    def _deadline(self) -> tuple[float, str] | None:
+        """When this connection must be closed if nothing changes, and why."""
+        settings = self.front.settings
+        if self.write_paused_at is not None:
+            return self.write_paused_at + settings.idle_timeout, "replies not read"
+        if not self.reading:
+            return None  # our own back-pressure: waiting for lookups (each bounded by lookup_timeout)
+        if self.buffer:
+            return self.frame_started + settings.frame_timeout, "request not completed"
+        if self.worker is None:
+            return self.last_activity + settings.idle_timeout, "idle"
+        return None
+
+    def _check_time(self) -> None:
+        self.timer = None
+        if self.closing:
+            return
+        now = self.loop.time()
+        deadline = self._deadline()
+        if deadline is None:
+            self._arm_timer(now + self.front.settings.idle_timeout)
+        elif now < deadline[0]:
+            self._arm_timer(deadline[0])
+        elif deadline[1] == "request not completed":
+            self._error(f"request not completed within {self.front.settings.frame_timeout:g}s", reply=True)
         else:
-            self._arm_timer(max(limit - idle, 0.5))
+            log.info("socketmap connection closed: %s for %.0fs", deadline[1], self.front.settings.idle_timeout)
+            self._close()
+
+    # --- flow control ---
+
+    def pause_writing(self) -> None:
+        self.write_paused_at = self.loop.time()
+        self.writable = self.loop.create_future()
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = None
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        self.writable = None
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read only while replies are being read and the queue has room."""
+        if self.closing or self.transport is None:
+            return
+        blocked = self.write_paused_at is not None or len(self.queue) >= MAX_QUEUED
+        if blocked and self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+        elif not blocked and not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+            now = self.loop.time()
+            self.frame_started = now  # the rest of a request may still be in the socket: from now on
+            self._parse(now)
+
+    # --- framing ---
 
     def _close(self) -> None:
         self.closing = True
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # close() would wait for a client that does not read
+            else:
+                self.transport.close()
 
     def _error(self, reason: str, reply: bool) -> None:
         log.warning("socketmap protocol error: %s; closing connection", reason)
@@ -168,31 +290,47 @@ class SocketmapProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_activity = time.monotonic()
+        now = monotonic()  # the event loop's clock (loop.time()), without the method call
+        if not self.buffer:
+            self.frame_started = now
         self.buffer += data
-        while self.buffer and not self.closing:
+        self._parse(now)
+
+    def _parse(self, now: float) -> None:
+        handled = False
+        while self.buffer and self.reading and not self.closing:
             colon = self.buffer.find(b":", 0, MAX_LENGTH_DIGITS + 1)
             if colon < 0:
                 if len(self.buffer) > MAX_LENGTH_DIGITS or not self.buffer.isdigit():
                     self._error("malformed netstring length", reply=True)
-                return
+                break
             digits = bytes(self.buffer[:colon])
             if not digits.isdigit():
                 self._error("malformed netstring length", reply=True)
-                return
+                break
             length = int(digits)
             if length > self.front.settings.max_request:
                 self._error(f"request longer than {self.front.settings.max_request} bytes", reply=True)
-                return
+                break
             end = colon + 1 + length
             if len(self.buffer) <= end:
-                return  # wait for the rest
+                break  # wait for the rest
             if self.buffer[end] != ord(","):
                 self._error("netstring not terminated by ','", reply=True)
-                return
+                break
             request = bytes(self.buffer[colon + 1:end])
             del self.buffer[:end + 1]
+            handled = True
             self._handle(request)
+        if handled:
+            self.last_activity = now
+            self.frame_started = now  # a rest in the buffer is the next request, begun in this read
+        if self.buffer and self.reading and not self.closing:
+            # An incomplete request: make sure the timer fires by its deadline (it usually waits
+            # for the idle one). Postfix sends whole requests, so this is rare.
+            deadline = self.frame_started + self.front.settings.frame_timeout
+            if self.timer is None or self.timer.when() > deadline:
+                self._arm_timer(deadline)
 
     def _handle(self, request: bytes) -> None:
         if self.worker is None:
@@ -201,15 +339,20 @@ class SocketmapProtocol(asyncio.Protocol):
                 self._send(reply)
                 return
             self.queue.append((request, domain))
-            self.worker = asyncio.get_running_loop().create_task(self._drain())
+            self.worker = self.loop.create_task(self._drain())
         else:
             self.queue.append((request, None))
+            self._flow()
 
     async def _drain(self) -> None:
         """Answer queued requests in order; runs only while some lookup waits for the network."""
         try:
             while self.queue and not self.closing:
+                if self.writable is not None:
+                    await self.writable  # the client is not reading: answer nothing more for now
+                    continue
                 request, domain = self.queue.popleft()
+                self._flow()
                 if domain is None:
                     reply, domain = self.front.immediate(request)
                     if reply is not None:
@@ -217,6 +360,6 @@ class SocketmapProtocol(asyncio.Protocol):
                         continue
                 assert domain is not None
                 self._send(await self.front.resolve(request, domain))
-                self.last_activity = time.monotonic()
+                self.last_activity = self.loop.time()
         finally:
             self.worker = None

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from .cache import Entry
 from .config import Config
-from .daemon import CacheMissing, build_resolver, require_cache
+from .daemon import CacheMissing, build_resolver, prune_settings, require_cache
 from .domainlist import DomainListError, read_domain_list
 from .errors import FailureKind
 from .policy import Mode, Policy
@@ -386,6 +386,7 @@ def run_warm(args: argparse.Namespace, config: Config) -> int:
 
         summary = warm(resolver, domains, options, on_result=report)
         progress.clear()
+        resolver.cache.prune(time.time(), prune_settings(config))  # README "Cache size"
     finally:
         resolver.cache.close()
     print(summary.line(), flush=True)

@@ -8,12 +8,13 @@ puts it back.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
 from mtasts_policyd.discovery import Discovery, DnsSettings
-from mtasts_policyd.errors import DnsTemporaryFailure, FailureKind, InvalidRecord, NoRecord
+from mtasts_policyd.errors import DnsTemporaryFailure, FailureKind, InvalidRecord, MtaStsError, NoRecord
 
 NEGATIVE_TTL = 123  # distinct from the rig's default (60) and from every positive TTL used here
 
@@ -301,6 +302,59 @@ def test_timeout_is_temporary_never_no_record(rig, quick_discovery: Discovery) -
     assert caught.value.kind is FailureKind.DNS_TEMPORARY
     assert not isinstance(caught.value, NoRecord)
     assert rig.dns.count(name, "TXT") >= 1
+
+
+# ----- the daemon's asyncio form: the same answers and the same failures ---------------------
+
+
+def outcome(call) -> tuple:
+    """What a TXT lookup gives, as comparable data: the answer, or the failure with its TTL."""
+    try:
+        answer = call()
+    except MtaStsError as exc:
+        return type(exc).__name__, exc.kind, exc.ttl
+    return "answer", answer.record, answer.ttl
+
+
+PUBLISHED = {
+    "single": lambda d: {"TXT": ["v=STSv1; id=async1"]},
+    "split": lambda d: {"TXT": [["v=STS", "v1; id=abc", "123"]]},
+    "two-records": lambda d: {"TXT": ["v=STSv1; id=a", "v=STSv1; id=b"]},
+    "malformed": lambda d: {"TXT": ["v=STSv1; id=not-valid!"]},
+    "no-stsv1": lambda d: {"TXT": ["google-site-verification=x"]},
+    "truncated": lambda d: {"TXT": [*(f"verification-{n}=" + "x" * 200 for n in range(10)), "v=STSv1; id=bigset"]},
+    "nxdomain": lambda d: {},
+}
+
+
+@pytest.mark.parametrize("case", sorted(PUBLISHED))
+def test_async_form_gives_what_the_sync_form_gives(rig, discovery: Discovery, negative_ttl: int, case: str) -> None:
+    """RFC 8461 §3.1 and RFC 2308 as above, through dnspython's asyncio resolver (the daemon's
+    first step): one mapping of answers, TTLs and failures serves both forms."""
+    domain = rig.domain()
+    for rdtype, values in PUBLISHED[case](domain).items():
+        rig.dns.set(f"_mta-sts.{domain}", rdtype, *values, ttl=777)
+
+    sync = outcome(lambda: discovery.sts_record(domain))
+    asynchronous = outcome(lambda: asyncio.run(discovery.sts_record_async(domain)))
+
+    assert asynchronous == sync
+    assert sync[2] == (negative_ttl if case == "nxdomain" else 777)
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize("fault", ["servfail", "timeout"])
+def test_async_form_failures_are_temporary(rig, quick_discovery: Discovery, fault: str) -> None:
+    domain = rig.domain()
+    name = f"_mta-sts.{domain}"
+    rig.dns.set(name, "TXT", "v=STSv1; id=hidden", ttl=300)
+    rig.dns.fault(name, fault)
+    try:
+        with pytest.raises(DnsTemporaryFailure):
+            asyncio.run(quick_discovery.sts_record_async(domain))
+    finally:
+        rig.dns.fault(name, None)
+    assert asyncio.run(quick_discovery.sts_record_async(domain)).record.id == "hidden"
 
 
 def test_fault_cleared_record_is_found_again(rig, discovery: Discovery) -> None:

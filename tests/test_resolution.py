@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from mtasts_policyd.errors import FailureKind
+from mtasts_policyd.errors import DnsTemporaryFailure, FailureKind, NoRecord
 from mtasts_policyd.policy import Mode
 from mtasts_policyd.resolution import CacheState, Decision
 from mtasts_policyd.service import PolicyService
@@ -380,3 +380,23 @@ def test_policy_without_wildcards_needs_no_mx_lookup(rig, make_resolver):
     rig.publish(domain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n")
     decision = make_resolver().resolve(domain)
     assert decision.mx_hosts is None and rig.dns.count(domain, "MX") == 0
+
+
+def test_txt_answer_given_by_the_caller_is_used_as_asked(rig, make_resolver, clock):
+    # The daemon asks for the TXT record on its event loop and hands the answer (or the failure)
+    # to resolve(): the algorithm, and what reaches the network, are the same as asking here.
+    domain, missing, failing = rig.domain(), rig.domain(), rig.domain()
+    rig.publish(domain)
+    resolver = make_resolver()
+    answer = asyncio.run(resolver.discovery.sts_record_async(domain))
+    decision = resolver.resolve(domain, txt=answer)
+    assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
+    assert (txt_queries(rig, domain), rig.https.count(domain)) == (1, 1)  # the caller's query only
+    with pytest.raises(NoRecord) as no_record:
+        asyncio.run(resolver.discovery.sts_record_async(missing))
+    assert resolver.resolve(missing, txt=no_record.value).cache is CacheState.MISS
+    assert resolver.cached(missing)[0].cache is CacheState.NEGATIVE
+    decision = resolver.resolve(failing, txt=DnsTemporaryFailure("timed out"))
+    assert decision.failure.kind is FailureKind.DNS_TEMPORARY and decision.policy is None
+    assert resolver.cached(failing)[0].cache is CacheState.BACKOFF
+    assert txt_queries(rig, failing) == 0

@@ -32,7 +32,7 @@ def test_restart_answers_from_disk_with_zero_network(rig, start_daemon, tmp_path
     assert answers[0].startswith("OK secure") and answers[1:] == ["NOTFOUND ", "NOTFOUND "]
     assert first.stop() == 0  # SIGTERM: a clean, drained stop
     before = (len(rig.dns.queries), len(rig.https.requests))
-    second = start_daemon(cache_path=cache)
+    second = start_daemon(cache_path=cache, log_level="debug")  # cached answers are logged at debug
     assert lookups(second.port, keys) == answers
     assert (len(rig.dns.queries), len(rig.https.requests)) == before
     assert "cache=hit" in second.logs() and "cache=negative" in second.logs()

@@ -124,6 +124,21 @@ def test_faults(dns_server: DnsServer) -> None:
     assert resolver(dns_server).resolve("_mta-sts.faulty.test", "TXT")
 
 
+def test_subtree_fault_drops_every_name_below(dns_server: DnsServer) -> None:
+    dns_server.set("_mta-sts.a.dropped.test", "TXT", "v=STSv1; id=1;")
+    dns_server.set("dropped.test.other", "A", "192.0.2.1")
+    dns_server.fault("Dropped.Test.", "timeout", subtree=True)
+    try:
+        for name in ("_mta-sts.a.dropped.test", "b.c.dropped.test", "dropped.test"):
+            with pytest.raises(dns.resolver.LifetimeTimeout):
+                resolver(dns_server, lifetime=0.3).resolve(name, "TXT")
+        assert resolver(dns_server).resolve("dropped.test.other", "A")  # not below: answered
+        assert udp_query(dns_server, "notdropped.test", "A").rcode() == dns.rcode.NXDOMAIN
+    finally:
+        dns_server.fault("dropped.test", None, subtree=True)
+    assert resolver(dns_server).resolve("_mta-sts.a.dropped.test", "TXT")
+
+
 def test_large_rrset_truncates_over_udp_and_succeeds_over_tcp(dns_server: DnsServer) -> None:
     strings = [f"{i:02d}" + "x" * 200 for i in range(20)]  # ~4 KB, above any UDP limit used here
     dns_server.set("big.test", "TXT", *strings)

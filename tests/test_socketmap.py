@@ -91,6 +91,21 @@ def test_unknown_map_name_is_a_clear_error(daemon):
     assert reply.startswith("PERM unknown map name 'nosuchmap'")
 
 
+def test_map_name_not_utf8_is_perm_key_not_utf8_is_notfound(rig, daemon):
+    # README: a name the daemon does not serve is a configuration error (PERM, Postfix defers);
+    # a key that is not text cannot be a domain name, so it has no policy (RFC 8461 §3.4).
+    client = SocketmapClient(daemon.port)
+    client.send(netstring(b"post\xfffix example.test"))
+    assert client.read_reply() == "PERM map name is not UTF-8 text; this daemon serves old, postfix, strict, sts"
+    client.send(netstring(b"\xff"))
+    assert client.read_reply().startswith("PERM map name is not UTF-8 text")
+    before = len(rig.dns.queries)
+    client.send(netstring(b"postfix exa\xffmple.test"))
+    assert client.read_reply() == "NOTFOUND "
+    assert len(rig.dns.queries) == before
+    assert client.ask(".example.test") == "NOTFOUND "  # the connection goes on
+
+
 @pytest.mark.parametrize("garbage", [b"abc", b"12x:foo,", b"5:postfix,", b"3:abc;", b"99999999999:"])
 def test_malformed_frames_close_only_that_connection(rig, daemon, garbage):
     domain = rig.domain()
@@ -168,20 +183,45 @@ def test_cached_answer_does_not_wait_for_the_network(rig, start_daemon):
         rig.dns.fault(f"_mta-sts.{domain}", None)
 
 
-def test_one_log_line_per_decision(rig, daemon):
+def decision_lines(daemon, domain: str) -> list[str]:
+    return [line for line in daemon.logs().splitlines() if "socketmap map=postfix" in line and f"domain={domain} " in line]
+
+
+def ask_twice_each(rig, daemon) -> tuple[str, str]:
+    """A policy domain and a no-policy domain, each a miss then a hit; and a parent-domain key."""
     domain, nothing = rig.domain(), rig.domain()
     rig.publish(domain)
     client = SocketmapClient(daemon.port)
-    client.ask(domain)
-    client.ask(domain)
-    client.ask(nothing)
+    for key in (domain, domain, nothing, nothing, "." + domain):
+        client.ask(key)
+    client.ask(domain, "nosuchmap")
     time.sleep(0.2)
-    lines = [line for line in daemon.logs().splitlines() if "socketmap map=postfix" in line]
-    assert any(f"answer=OK domain={domain} cache=miss reason=policy-enforce" in line for line in lines)
-    assert any(f"answer=OK domain={domain} cache=hit reason=policy-enforce" in line for line in lines)
-    assert any(f"answer=NOTFOUND domain={nothing} cache=miss reason=no-record failure=no-record" in line
-               for line in lines)
-    assert len([line for line in lines if f"domain={domain} " in line]) == 2
+    return domain, nothing
+
+
+def test_default_log_level_logs_misses_not_cached_answers(rig, daemon):
+    # At the default level (info) an operator sees every lookup that asked the network, and no
+    # line per cached answer: that line would cost more than the lookup (README "Logs").
+    domain, nothing = ask_twice_each(rig, daemon)
+    assert [line.split("socketmap ", 1)[1] for line in decision_lines(daemon, domain)] == [
+        f"map=postfix answer=OK domain={domain} cache=miss reason=policy-enforce"]
+    assert len(decision_lines(daemon, nothing)) == 1
+    assert f"answer=NOTFOUND domain={nothing} cache=miss reason=no-record failure=no-record" in daemon.logs()
+    assert f"refresh domain={domain} outcome=fetched" in daemon.logs()
+    assert "reason=not-a-policy-domain" not in daemon.logs()
+    assert "WARNING mtasts_policyd.socketmap: socketmap map='nosuchmap' answer=PERM" in daemon.logs()
+
+
+def test_debug_level_logs_one_line_per_decision(rig, start_daemon):
+    daemon = start_daemon(log_level="debug")
+    domain, nothing = ask_twice_each(rig, daemon)
+    lines = decision_lines(daemon, domain)
+    assert len(lines) == 2
+    assert f"answer=OK domain={domain} cache=miss reason=policy-enforce" in lines[0]
+    assert f"DEBUG mtasts_policyd.socketmap: socketmap map=postfix answer=OK domain={domain} cache=hit " \
+           "reason=policy-enforce" in lines[1]
+    assert f"answer=NOTFOUND domain={nothing} cache=negative reason=no-record" in daemon.logs()
+    assert f"answer=NOTFOUND key='.{domain}' reason=not-a-policy-domain" in daemon.logs()
 
 
 def test_unix_socket_listener(rig, start_daemon, tmp_path):

@@ -48,6 +48,7 @@ def policyd(world: World) -> Iterator[Daemon]:
         "cache": {"path": str(world.directory / "policyd" / "cache.sqlite3")},
         # Short bounds so a changed policy id is followed within the test's TXT TTL.
         "resolver": {"txt_ttl_min": 1, "negative_ttl_min": 1, "backoff_min": 1, "dns_backoff_min": 1},
+        "log_level": "debug",  # a line per map query, cached answers too: the tests count Postfix's queries
     }
     path = world.directory / "policyd.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -88,6 +88,7 @@ class DnsServer(BoundedServer):
         self.queries: list[tuple[str, str]] = []
         self._data: dict[str, dict[dns.rdatatype.RdataType, _RRs]] = {}
         self._faults: dict[str, str] = {}
+        self._subtree_faults: dict[str, str] = {}
         self._lock = threading.RLock()
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
@@ -180,16 +181,28 @@ class DnsServer(BoundedServer):
             if not types:
                 del self._data[key]
 
-    def fault(self, name: str, kind: str | None) -> None:
-        """Make every query for `name` fail: "servfail", "refused" or "timeout" (no answer).
-        None clears the fault."""
+    def fault(self, name: str, kind: str | None, *, subtree: bool = False) -> None:
+        """Make every query for `name` fail: "servfail", "refused" or "timeout" (no answer, the
+        query is dropped). `subtree`: every name below `name` too (a zone whose servers never
+        answer, for floods of distinct names). None clears the fault."""
         if kind is not None and kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        table = self._subtree_faults if subtree else self._faults
         with self._lock:
             if kind is None:
-                self._faults.pop(_key(name), None)
+                table.pop(_key(name), None)
             else:
-                self._faults[_key(name)] = kind
+                table[_key(name)] = kind
+
+    def _fault_for(self, key: str) -> str | None:
+        fault = self._faults.get(key)
+        if fault is None and self._subtree_faults:
+            labels = key.split(".")
+            for i in range(len(labels)):
+                fault = self._subtree_faults.get(".".join(labels[i:]))
+                if fault is not None:
+                    break
+        return fault
 
     def set_negative_ttl(self, seconds: int) -> None:
         """TTL and MINIMUM of the SOA in negative answers (what resolvers cache NXDOMAIN/NODATA for)."""
@@ -232,7 +245,7 @@ class DnsServer(BoundedServer):
         key = _key(question.name)
         with self._lock:
             self.queries.append((key, dns.rdatatype.to_text(question.rdtype)))
-            fault = self._faults.get(key)
+            fault = self._fault_for(key)
             if fault == "timeout":
                 return None
             response = dns.message.make_response(query)
