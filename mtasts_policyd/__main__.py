@@ -2,11 +2,11 @@
 
 import sys
 
-from .signals import catch_early_hup
+from mtasts_policyd.runtime.signals import catch_early_hup
 
 catch_early_hup()  # first: the imports below take a while, and SIGHUP must not end a starting daemon
 
-from .cli import main  # noqa: E402
+from mtasts_policyd.commands.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtasts_policyd.cache import PolicyCache
-from mtasts_policyd.discovery import Discovery, DnsSettings
-from mtasts_policyd.fetch import FetchSettings, PolicyFetcher
-from mtasts_policyd.resolution import PolicyResolver, ResolverSettings
+from mtasts_policyd.net.dns import Discovery, DnsSettings
+from mtasts_policyd.net.https import FetchSettings, PolicyFetcher
+from mtasts_policyd.resolution.resolver import PolicyResolver, ResolverSettings
+from mtasts_policyd.store.cache import PolicyCache
 from tests.rig import DnsServer, PolicyServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from mtasts_policyd.cache import Entry, PolicyCache
-from mtasts_policyd.policy import parse_policy
-from mtasts_policyd.resolution import merge
+from mtasts_policyd.core.policy import parse_policy
+from mtasts_policyd.resolution.resolver import merge
+from mtasts_policyd.store.cache import Entry, PolicyCache
 from tests.conftest import ENFORCE, SocketmapClient, free_port, secure
 from tests.test_metrics import get, scrape, value
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from mtasts_policyd.cache import Entry, PolicyCache, PruneSettings
-from mtasts_policyd.errors import Failure, FailureKind
-from mtasts_policyd.policy import parse_policy
+from mtasts_policyd.core.errors import Failure, FailureKind
+from mtasts_policyd.core.policy import parse_policy
+from mtasts_policyd.store.cache import Entry, PolicyCache, PruneSettings
 from tests.conftest import ENFORCE, SocketmapClient
 from tests.test_warm import run_warm
 

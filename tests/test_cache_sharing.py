@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mtasts_policyd.cache import Entry, PolicyCache
-from mtasts_policyd.policy import Mode
+from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.store.cache import Entry, PolicyCache
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
 
@@ -67,7 +67,7 @@ def test_write_failures_raise_only_in_strict_mode(tmp_path):
     # `cache forget` must report it. query_only makes SQLite refuse writes like a read-only disk.
     import pytest
 
-    from mtasts_policyd.cache import CacheWriteError
+    from mtasts_policyd.store.cache import CacheWriteError
 
     lenient = PolicyCache(str(tmp_path / "a.sqlite3"))
     lenient._db.execute("PRAGMA query_only = ON")

@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import pytest
 
-from mtasts_policyd.cache import Entry, PolicyCache
-from mtasts_policyd.cachetool import entry_from_record
-from mtasts_policyd.errors import Failure, FailureKind
-from mtasts_policyd.policy import parse_policy
+from mtasts_policyd.core.errors import Failure, FailureKind
+from mtasts_policyd.core.policy import parse_policy
+from mtasts_policyd.ops.cachetool import entry_from_record
+from mtasts_policyd.store.cache import Entry, PolicyCache
 from tests.conftest import SocketmapClient, write_config
 from tests.conftest import run_cli as run
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from tests.conftest import ROOT, secure, write_config
 from tests.conftest import run_cli as run
 

@@ -14,9 +14,16 @@ import time
 import pytest
 import yaml
 
-from mtasts_policyd.config import Config, ConfigError, build, file_mode, load, validate
-from mtasts_policyd.daemon import apply_reload
-from mtasts_policyd.limits import limits
+from mtasts_policyd.core.limits import limits
+from mtasts_policyd.runtime.config import (
+    Config,
+    ConfigError,
+    build,
+    file_mode,
+    load,
+    validate,
+)
+from mtasts_policyd.runtime.daemon import apply_reload
 from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, secure
 
 # (YAML text, the key the one-line message must name, a word of the reason)
@@ -126,9 +133,9 @@ def test_metadata_of_other_helpers_is_read():
 def test_apply_reload_changes_nothing_when_any_part_is_bad(rig, make_resolver):
     # All or nothing even for a Config built without validate(): the log level is checked
     # before the overrides (or anything else) are replaced.
-    from mtasts_policyd.exim import EximFrontEnd
-    from mtasts_policyd.service import PolicyService
-    from mtasts_policyd.socketmap import SocketmapFrontEnd
+    from mtasts_policyd.frontends.exim import EximFrontEnd
+    from mtasts_policyd.frontends.socketmap import SocketmapFrontEnd
+    from mtasts_policyd.resolution.service import PolicyService
 
     resolver = make_resolver()
     old = {"keep.test": object()}

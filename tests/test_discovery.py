@@ -13,8 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from mtasts_policyd.discovery import Discovery, DnsSettings
-from mtasts_policyd.errors import DnsTemporaryFailure, FailureKind, InvalidRecord, MtaStsError, NoRecord
+from mtasts_policyd.core.errors import (
+    DnsTemporaryFailure,
+    FailureKind,
+    InvalidRecord,
+    MtaStsError,
+    NoRecord,
+)
+from mtasts_policyd.net.dns import Discovery, DnsSettings
 
 NEGATIVE_TTL = 123  # distinct from the rig's default (60) and from every positive TTL used here
 

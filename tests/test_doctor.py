@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtasts_policyd.cli import main
-from mtasts_policyd.truststore import directory_certificates, file_certificates
+from mtasts_policyd.commands.main import main
+from mtasts_policyd.net.trust import directory_certificates, file_certificates
 from tests.conftest import ROOT, free_port
 from tests.e2e.exim_mta import CONFIG as CONTRIB_EXIM_CONF
 from tests.e2e.exim_mta import EXIM

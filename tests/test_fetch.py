@@ -12,9 +12,9 @@ import gzip
 
 import pytest
 
-from mtasts_policyd.discovery import Discovery
-from mtasts_policyd.errors import CertificateInvalid, FailureKind, FetchError
-from mtasts_policyd.fetch import WELL_KNOWN, PolicyFetcher
+from mtasts_policyd.core.errors import CertificateInvalid, FailureKind, FetchError
+from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.https import WELL_KNOWN, PolicyFetcher
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
 TIMEOUT = 1.0  # fetch timeout for these tests; the slow servers below take longer than this

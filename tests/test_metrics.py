@@ -17,8 +17,8 @@ import time
 import pytest
 import yaml
 
-from mtasts_policyd.metrics import FrontEndMetrics, Metrics, parse_metrics_address
-from mtasts_policyd.resolution import CacheState, Decision
+from mtasts_policyd.ops.metrics import FrontEndMetrics, Metrics, parse_metrics_address
+from mtasts_policyd.resolution.resolver import CacheState, Decision
 from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, secure
 from tests.test_exim_protocol import exchange
 

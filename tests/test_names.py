@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtasts_policyd.names import clean_key, to_alabel
+from mtasts_policyd.core.names import clean_key, to_alabel
 
 
 @pytest.mark.parametrize("key,domain", [

@@ -9,12 +9,11 @@ import time
 import pytest
 import yaml
 
-from mtasts_policyd.config import ConfigError, load
-from mtasts_policyd.overrides import OverrideError, make_override
-from mtasts_policyd.policy import Mode
-from mtasts_policyd.resolution import CacheState
-from tests.conftest import run_cli, write_config
-from tests.conftest import SocketmapClient, secure
+from mtasts_policyd.core.overrides import OverrideError, make_override
+from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.resolution.resolver import CacheState
+from mtasts_policyd.runtime.config import ConfigError, load
+from tests.conftest import SocketmapClient, run_cli, secure, write_config
 
 
 def test_override_validation():

@@ -6,8 +6,14 @@ import re
 
 import pytest
 
-from mtasts_policyd.errors import FailureKind, InvalidPolicy
-from mtasts_policyd.policy import MAX_AGE_LIMIT, Mode, Policy, mx_matches, parse_policy
+from mtasts_policyd.core.errors import FailureKind, InvalidPolicy
+from mtasts_policyd.core.policy import (
+    MAX_AGE_LIMIT,
+    Mode,
+    Policy,
+    mx_matches,
+    parse_policy,
+)
 from tests.conftest import CORPUS
 
 GOOD = b"version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 604800\n"

@@ -11,13 +11,12 @@ from __future__ import annotations
 import select
 import signal
 import socket
-import threading
 import time
 from contextlib import ExitStack
 
 import pytest
 
-from mtasts_policyd.config import Config
+from mtasts_policyd.runtime.config import Config
 from tests.conftest import Daemon, SocketmapClient, free_port, netstring, secure
 from tests.test_exim_protocol import exchange
 from tests.test_metrics import get, scrape, unit, value

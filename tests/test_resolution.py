@@ -10,10 +10,10 @@ import asyncio
 
 import pytest
 
-from mtasts_policyd.errors import DnsTemporaryFailure, FailureKind, NoRecord
-from mtasts_policyd.policy import Mode
-from mtasts_policyd.resolution import CacheState, Decision
-from mtasts_policyd.service import PolicyService
+from mtasts_policyd.core.errors import DnsTemporaryFailure, FailureKind, NoRecord
+from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.resolution.resolver import CacheState, Decision
+from mtasts_policyd.resolution.service import PolicyService
 
 TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
 NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
@@ -308,7 +308,7 @@ def test_cache_survives_a_new_process(rig, make_resolver, tmp_path):
 
 # --- "*." patterns and the domain's MX hosts (exact answers for Postfix < 3.10.5) ---
 
-from mtasts_policyd.postfix import NO_MATCHING_MX, MapOptions, tls_policy  # noqa: E402
+from mtasts_policyd.answers.postfix import NO_MATCHING_MX, MapOptions, tls_policy  # noqa: E402
 
 WILD = "version: STSv1\nmode: enforce\nmx: *.mx.{d}\nmax_age: 86400\n"
 

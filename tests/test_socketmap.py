@@ -209,7 +209,7 @@ def test_default_log_level_logs_misses_not_cached_answers(rig, daemon):
     assert f"answer=NOTFOUND domain={nothing} cache=miss reason=no-record failure=no-record" in daemon.logs()
     assert f"refresh domain={domain} outcome=fetched" in daemon.logs()
     assert "reason=not-a-policy-domain" not in daemon.logs()
-    assert "WARNING mtasts_policyd.socketmap: socketmap map='nosuchmap' answer=PERM" in daemon.logs()
+    assert "WARNING mtasts_policyd.frontends.socketmap: socketmap map='nosuchmap' answer=PERM" in daemon.logs()
 
 
 def test_debug_level_logs_one_line_per_decision(rig, start_daemon):
@@ -218,7 +218,7 @@ def test_debug_level_logs_one_line_per_decision(rig, start_daemon):
     lines = decision_lines(daemon, domain)
     assert len(lines) == 2
     assert f"answer=OK domain={domain} cache=miss reason=policy-enforce" in lines[0]
-    assert f"DEBUG mtasts_policyd.socketmap: socketmap map=postfix answer=OK domain={domain} cache=hit " \
+    assert f"DEBUG mtasts_policyd.frontends.socketmap: socketmap map=postfix answer=OK domain={domain} cache=hit " \
            "reason=policy-enforce" in lines[1]
     assert f"answer=NOTFOUND domain={nothing} cache=negative reason=no-record" in daemon.logs()
     assert f"answer=NOTFOUND key='.{domain}' reason=not-a-policy-domain" in daemon.logs()

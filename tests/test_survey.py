@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtasts_policyd.cache import PolicyCache
-from mtasts_policyd.domainlist import parse_domain_list
-from mtasts_policyd.survey import run_bounded
+from mtasts_policyd.ops.domainlist import parse_domain_list
+from mtasts_policyd.ops.survey import run_bounded
+from mtasts_policyd.store.cache import PolicyCache
 from tests.conftest import ROOT
 from tests.conftest import run_cli as run
 

@@ -6,9 +6,9 @@ import csv
 
 import pytest
 
-from mtasts_policyd.errors import FailureKind, InvalidRecord, NoRecord
-from mtasts_policyd.tlsrpt import parse_tlsrpt
-from mtasts_policyd.txt import join_strings
+from mtasts_policyd.core.errors import FailureKind, InvalidRecord, NoRecord
+from mtasts_policyd.core.sts_record import join_strings
+from mtasts_policyd.core.tlsrpt_record import parse_tlsrpt
 from tests.conftest import CORPUS
 
 

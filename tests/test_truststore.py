@@ -18,10 +18,14 @@ import pytest
 import requests.certs
 import trustme
 
-from mtasts_policyd.discovery import Discovery
-from mtasts_policyd.errors import CertificateInvalid
-from mtasts_policyd.fetch import PolicyFetcher, tls_context
-from mtasts_policyd.truststore import directory_certificates, file_certificates, trust_store
+from mtasts_policyd.core.errors import CertificateInvalid
+from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.https import PolicyFetcher, tls_context
+from mtasts_policyd.net.trust import (
+    directory_certificates,
+    file_certificates,
+    trust_store,
+)
 from tests.e2e.world import TRUST_VARIABLES
 
 POLICY = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"

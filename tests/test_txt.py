@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from mtasts_policyd.errors import FailureKind, InvalidRecord, NoRecord
-from mtasts_policyd.txt import join_strings, parse_record, select_record
+from mtasts_policyd.core.errors import FailureKind, InvalidRecord, NoRecord
+from mtasts_policyd.core.sts_record import join_strings, parse_record, select_record
 from tests.conftest import CORPUS
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mtasts_policyd.cache import PolicyCache
-from mtasts_policyd.overrides import make_override
-from mtasts_policyd.policy import Mode
-from mtasts_policyd.warm import (
+from mtasts_policyd.core.overrides import make_override
+from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.ops.warm import (
     DAY,
     AlertKind,
     Outcome,
@@ -27,6 +26,7 @@ from mtasts_policyd.warm import (
     select_domains,
     warm,
 )
+from mtasts_policyd.store.cache import PolicyCache
 from tests.conftest import ENFORCE, ROOT, SocketmapClient, cli_command, write_config
 
 NOW = WarmOptions(jitter=0)  # in-process runs: no random delays

@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from tests.conftest import Daemon
-from tests.e2e.world import SCENARIOS, World, in_private_namespace, operator_environment, start_world, temp_dir
+from tests.e2e.world import (
+    SCENARIOS,
+    World,
+    in_private_namespace,
+    operator_environment,
+    start_world,
+    temp_dir,
+)
 
 SOCKETMAP_PORT = 8461
 EXIM_PORT = 8462

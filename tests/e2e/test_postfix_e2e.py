@@ -22,7 +22,14 @@ import yaml
 
 from tests.conftest import Daemon, free_port
 from tests.e2e.postfix_mta import PostfixInstance, Status
-from tests.e2e.world import SCENARIOS, Mx, Scenario, World, operator_environment, wait_until
+from tests.e2e.world import (
+    SCENARIOS,
+    Mx,
+    Scenario,
+    World,
+    operator_environment,
+    wait_until,
+)
 
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 DELIVERY_TIMEOUT = 60  # seconds for one message to reach its sink (retries included)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mtasts_policyd.truststore import directory_certificates, file_certificates
+from mtasts_policyd.net.trust import directory_certificates, file_certificates
 from tests.conftest import ROOT
 from tests.e2e.exim_mta import CONFIG as CONTRIB_EXIM_CONF
 from tests.e2e.exim_mta import EXIM

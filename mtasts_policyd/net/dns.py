@@ -21,10 +21,10 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from .errors import DnsTemporaryFailure, MtaStsError, NoRecord
-from .limits import limits
-from .tlsrpt import TlsRptRecord, parse_tlsrpt
-from .txt import StsRecord, join_strings, select_record
+from mtasts_policyd.core.errors import DnsTemporaryFailure, MtaStsError, NoRecord
+from mtasts_policyd.core.limits import limits
+from mtasts_policyd.core.sts_record import StsRecord, join_strings, select_record
+from mtasts_policyd.core.tlsrpt_record import TlsRptRecord, parse_tlsrpt
 
 T = TypeVar("T")
 

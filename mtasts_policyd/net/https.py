@@ -16,10 +16,10 @@ from typing import Any
 import requests
 import requests.adapters
 
-from .discovery import Discovery
-from .errors import CertificateInvalid, FetchError, MtaStsError
-from .limits import limits
-from .truststore import TrustStore, trust_store
+from mtasts_policyd.core.errors import CertificateInvalid, FetchError, MtaStsError
+from mtasts_policyd.core.limits import limits
+from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.trust import TrustStore, trust_store
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 

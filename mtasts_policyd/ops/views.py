@@ -8,8 +8,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from .errors import Failure
-from .policy import Policy
+from mtasts_policyd.core.errors import Failure
+from mtasts_policyd.core.policy import Policy
 
 
 def iso_time(value: float | None) -> str | None:

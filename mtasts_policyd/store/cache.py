@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 
 import cachetools
 
-from .errors import Failure, FailureKind, InvalidPolicy
-from .policy import Policy, parse_policy
+from mtasts_policyd.core.errors import Failure, FailureKind, InvalidPolicy
+from mtasts_policyd.core.policy import Policy, parse_policy
 
-log = logging.getLogger("mtasts_policyd.cache")
+log = logging.getLogger("mtasts_policyd.store.cache")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS policies (

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import InvalidRecord, NoRecord
+from mtasts_policyd.core.errors import InvalidRecord, NoRecord
 
 VERSION = "v=STSv1"  # RFC 8461 §3.1: %s"v=STSv1", case-sensitive (RFC 7405)
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")  # sts-id value

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import InvalidRecord, NoRecord
+from mtasts_policyd.core.errors import InvalidRecord, NoRecord
 
 VERSION = "v=TLSRPTv1"  # RFC 8460 §3: %s"v=TLSRPTv1", case-sensitive (RFC 7405)
 # RFC 8460 §3: records not beginning with "v=TLSRPTv1;" are discarded; like txt.py we follow the

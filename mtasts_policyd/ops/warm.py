@@ -27,16 +27,21 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .cache import Entry
-from .config import Config
-from .daemon import CacheMissing, build_resolver, prune_settings, require_cache
-from .domainlist import DomainListError, read_domain_list
-from .errors import FailureKind
-from .policy import Mode, Policy
-from .resolution import PolicyResolver
-from .views import iso_time
+from mtasts_policyd.core.errors import FailureKind
+from mtasts_policyd.core.policy import Mode, Policy
+from mtasts_policyd.ops.domainlist import DomainListError, read_domain_list
+from mtasts_policyd.ops.views import iso_time
+from mtasts_policyd.resolution.resolver import PolicyResolver
+from mtasts_policyd.runtime.config import Config
+from mtasts_policyd.runtime.daemon import (
+    CacheMissing,
+    build_resolver,
+    prune_settings,
+    require_cache,
+)
+from mtasts_policyd.store.cache import Entry
 
-log = logging.getLogger("mtasts_policyd.warm")
+log = logging.getLogger("mtasts_policyd.ops.warm")
 
 DAY = 86400.0
 
@@ -292,7 +297,7 @@ def _non_negative(text: str) -> float:
 
 
 def register(sub: Any) -> None:
-    from .cli import (  # here, not at import: cli imports this module
+    from mtasts_policyd.commands.main import (  # here, not at import: cli imports this module
         add_common_options,
         concurrency,
     )

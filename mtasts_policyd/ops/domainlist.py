@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-from .names import is_ip_literal, to_alabel
+from mtasts_policyd.core.names import is_ip_literal, to_alabel
 
 
 class DomainListError(ValueError):

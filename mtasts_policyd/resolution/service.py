@@ -22,14 +22,14 @@ import asyncio
 import logging
 import time
 
-from .cache import PruneSettings
-from .discovery import StsAnswer
-from .errors import Failure, FailureKind, MtaStsError
-from .metrics import REGISTRY
-from .resolution import CacheState, Decision, PolicyResolver
-from .workers import DaemonThreadPool, in_thread
+from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
+from mtasts_policyd.net.dns import StsAnswer
+from mtasts_policyd.ops.metrics import REGISTRY
+from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver
+from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
+from mtasts_policyd.store.cache import PruneSettings
 
-log = logging.getLogger("mtasts_policyd.service")
+log = logging.getLogger("mtasts_policyd.resolution.service")
 
 LOOKUP_TIMES_FLUSH = 30.0  # seconds between batched writes of lookup times
 PRUNE_POLL = 5.0  # seconds between looks at how many rows were added since the last prune

@@ -11,8 +11,8 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from .names import to_alabel
-from .policy import Mode, Policy, mx_pattern
+from mtasts_policyd.core.names import to_alabel
+from mtasts_policyd.core.policy import Mode, Policy, mx_pattern
 
 
 class OverrideError(ValueError):

@@ -9,19 +9,27 @@ import resource
 import signal
 from collections.abc import Callable
 
-from . import sdnotify
-from .cache import PolicyCache, PruneSettings, default_cache_path
-from .config import Config, override_table
-from .discovery import Discovery
-from .exim import EximFrontEnd, EximProtocol, EximSettings
-from .fetch import PolicyFetcher
-from .listeners import SocketPermissions, open_listener, parse_address
-from .metrics import MetricsServer, parse_metrics_address
-from .resolution import PolicyResolver, merge
-from .service import PolicyService
-from .signals import early_hup
-from .socketmap import SocketmapFrontEnd, SocketmapProtocol, SocketmapSettings
-from .workers import in_thread
+from mtasts_policyd.frontends.exim import EximFrontEnd, EximProtocol, EximSettings
+from mtasts_policyd.frontends.listeners import (
+    SocketPermissions,
+    open_listener,
+    parse_address,
+)
+from mtasts_policyd.frontends.socketmap import (
+    SocketmapFrontEnd,
+    SocketmapProtocol,
+    SocketmapSettings,
+)
+from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.https import PolicyFetcher
+from mtasts_policyd.ops.metrics import MetricsServer, parse_metrics_address
+from mtasts_policyd.resolution.resolver import PolicyResolver, merge
+from mtasts_policyd.resolution.service import PolicyService
+from mtasts_policyd.resolution.workers import in_thread
+from mtasts_policyd.runtime import sdnotify
+from mtasts_policyd.runtime.config import Config, override_table
+from mtasts_policyd.runtime.signals import early_hup
+from mtasts_policyd.store.cache import PolicyCache, PruneSettings, default_cache_path
 
 log = logging.getLogger("mtasts_policyd")
 

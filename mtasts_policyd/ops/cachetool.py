@@ -23,14 +23,25 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, TextIO
 
-from .cache import CacheWriteError, Entry, PolicyCache
-from .daemon import CacheMissing, cache_path, require_cache
-from .config import Config
-from .errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
-from .names import to_alabel
-from .policy import Mode, parse_policy
-from .txt import parse_record, valid_id
-from .views import failure_fields, iso_time, policy_fields, printable, text_lines
+from mtasts_policyd.core.errors import (
+    Failure,
+    FailureKind,
+    InvalidPolicy,
+    InvalidRecord,
+)
+from mtasts_policyd.core.names import to_alabel
+from mtasts_policyd.core.policy import Mode, parse_policy
+from mtasts_policyd.core.sts_record import parse_record, valid_id
+from mtasts_policyd.ops.views import (
+    failure_fields,
+    iso_time,
+    policy_fields,
+    printable,
+    text_lines,
+)
+from mtasts_policyd.runtime.config import Config
+from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
+from mtasts_policyd.store.cache import CacheWriteError, Entry, PolicyCache
 
 EXPORT_FORMAT = "mtasts-policyd-cache"
 EXPORT_VERSION = 1
@@ -69,7 +80,9 @@ class CacheToolError(Exception):
 
 
 def register(sub: Any) -> None:
-    from .cli import add_common_options  # cli imports this module for its COMMANDS list
+    from mtasts_policyd.commands.main import (
+        add_common_options,  # cli imports this module for its COMMANDS list
+    )
 
     cache = sub.add_parser("cache", help="list, show, forget, export and import cached policies",
                            description=DESCRIPTION, epilog=EPILOG,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .policy import Mode, Policy, mx_matches
-from .resolution import Decision
+from mtasts_policyd.core.policy import Mode, Policy, mx_matches
+from mtasts_policyd.resolution.resolver import Decision
 
 # A name no certificate can carry (RFC 6761 .invalid): the answer when no MX host of the domain
 # matches the enforce policy, so that Postfix defers instead of trusting some other name.

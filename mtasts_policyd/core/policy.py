@@ -12,8 +12,8 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from .errors import InvalidPolicy
-from .names import is_ip_literal, to_alabel
+from mtasts_policyd.core.errors import InvalidPolicy
+from mtasts_policyd.core.names import is_ip_literal, to_alabel
 
 MAX_AGE_LIMIT = 31557600  # RFC 8461 §3.2: max_age is at most 31557600 seconds (one year)
 _MAX_AGE = re.compile(r"[0-9]{1,10}")  # RFC 8461 §3.2: max_age = 1*10(DIGIT)

@@ -27,15 +27,15 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import IO, Any, TypeVar
 
-from .config import Config
-from .daemon import CacheMissing, build_resolver, require_cache
-from .discovery import Discovery
-from .domainlist import read_domain_list
-from .errors import Failure, FailureKind, MtaStsError, NoRecord
-from .fetch import PolicyFetcher
-from .policy import Mode, Policy, parse_policy
-from .resolution import PolicyResolver
-from .tlsrpt import TlsRptRecord
+from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError, NoRecord
+from mtasts_policyd.core.policy import Mode, Policy, parse_policy
+from mtasts_policyd.core.tlsrpt_record import TlsRptRecord
+from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.https import PolicyFetcher
+from mtasts_policyd.ops.domainlist import read_domain_list
+from mtasts_policyd.resolution.resolver import PolicyResolver
+from mtasts_policyd.runtime.config import Config
+from mtasts_policyd.runtime.daemon import CacheMissing, build_resolver, require_cache
 
 FORMATS = ("markdown", "csv", "json")
 DEFAULT_CONCURRENCY = 16
@@ -417,7 +417,7 @@ def render_markdown(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
 
 def register(sub: Any) -> None:
     """Add `survey` to the command line (cli.COMMANDS)."""
-    from .cli import (  # here, not at the top: cli imports this module
+    from mtasts_policyd.commands.main import (  # here, not at the top: cli imports this module
         add_common_options,
         concurrency,
     )

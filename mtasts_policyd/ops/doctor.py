@@ -22,15 +22,20 @@ from typing import Any
 
 import dns.exception
 
-from . import eximconf
-from .cache import default_cache_path
-from .config import Config
-from .discovery import Discovery
-from .errors import MtaStsError, NoRecord
-from .fetch import tls_context
-from .listeners import Address, parse_address
-from .socketmap import netstring
-from .truststore import TrustStore, directory_certificates, file_certificates, trust_store
+from mtasts_policyd.core.errors import MtaStsError, NoRecord
+from mtasts_policyd.frontends.listeners import Address, parse_address
+from mtasts_policyd.frontends.socketmap import netstring
+from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.https import tls_context
+from mtasts_policyd.net.trust import (
+    TrustStore,
+    directory_certificates,
+    file_certificates,
+    trust_store,
+)
+from mtasts_policyd.ops import eximconf
+from mtasts_policyd.runtime.config import Config
+from mtasts_policyd.store.cache import default_cache_path
 
 PROBE_KEY = ".mtasts-policyd-doctor.invalid"  # parent-domain form: NOTFOUND / none, no lookup
 PROBE_TIMEOUT = 5.0
@@ -501,7 +506,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def register(sub: Any) -> None:
     """Add `doctor` to the command line (cli.COMMANDS)."""
-    from .cli import add_common_options  # here, not at the top: cli imports this module
+    from mtasts_policyd.commands.main import (
+        add_common_options,  # here, not at the top: cli imports this module
+    )
 
     parser = sub.add_parser(
         "doctor", help="check the live setup (daemon, trust store, resolver, cache, Postfix, Exim)",

@@ -29,17 +29,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .cache import connect_readonly
-from .errors import FailureKind
-from .listeners import Address, ConnectionSlots, parse_address
-from .workers import in_thread
+from mtasts_policyd import __version__
+from mtasts_policyd.core.errors import FailureKind
+from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
+from mtasts_policyd.resolution.workers import in_thread
+from mtasts_policyd.store.cache import connect_readonly
 
 if TYPE_CHECKING:
-    from .cache import PolicyCache
-    from .resolution import Decision
+    from mtasts_policyd.resolution.resolver import Decision
+    from mtasts_policyd.store.cache import PolicyCache
 
-log = logging.getLogger("mtasts_policyd.metrics")
+log = logging.getLogger("mtasts_policyd.ops.metrics")
 
 # Seconds. A cached lookup takes a few microseconds; a miss, a DNS round trip up to a whole HTTPS fetch.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,

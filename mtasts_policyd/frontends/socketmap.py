@@ -15,14 +15,19 @@ import time
 from dataclasses import dataclass, field
 from time import monotonic
 
-from .listeners import ConnectionSlots
-from .metrics import REGISTRY
-from .names import clean_key
-from .postfix import MapOptions, tls_policy
-from .resolution import Decision
-from .service import QUIET_STATES, PolicyService, ServiceStopping, describe
+from mtasts_policyd.answers.postfix import MapOptions, tls_policy
+from mtasts_policyd.core.names import clean_key
+from mtasts_policyd.frontends.listeners import ConnectionSlots
+from mtasts_policyd.ops.metrics import REGISTRY
+from mtasts_policyd.resolution.resolver import Decision
+from mtasts_policyd.resolution.service import (
+    QUIET_STATES,
+    PolicyService,
+    ServiceStopping,
+    describe,
+)
 
-log = logging.getLogger("mtasts_policyd.socketmap")
+log = logging.getLogger("mtasts_policyd.frontends.socketmap")
 
 MAX_LENGTH_DIGITS = 6
 # Requests of one connection waiting behind a lookup that needs the network. Postfix sends one

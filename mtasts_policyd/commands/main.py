@@ -12,13 +12,26 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, cachetool, doctor, signals, survey, warm
-from .config import LOG_LEVELS, Config, checked, load
-from .daemon import CacheMissing, build_resolver, require_cache, run
-from .names import clean_key
-from .postfix import tls_policy
-from .resolution import Decision, PolicyResolver
-from .views import failure_fields, iso_time, policy_fields, printable, text_lines
+from mtasts_policyd import __version__
+from mtasts_policyd.answers.postfix import tls_policy
+from mtasts_policyd.core.names import clean_key
+from mtasts_policyd.ops import cachetool, doctor, survey, warm
+from mtasts_policyd.ops.views import (
+    failure_fields,
+    iso_time,
+    policy_fields,
+    printable,
+    text_lines,
+)
+from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
+from mtasts_policyd.runtime import signals
+from mtasts_policyd.runtime.config import LOG_LEVELS, Config, checked, load
+from mtasts_policyd.runtime.daemon import (
+    CacheMissing,
+    build_resolver,
+    require_cache,
+    run,
+)
 
 DESCRIPTION = """\
 MTA-STS (RFC 8461) policy daemon for Postfix (socketmap) and Exim (${readsocket}).

@@ -19,14 +19,19 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .listeners import ConnectionSlots
-from .metrics import REGISTRY
-from .names import clean_key
-from .policy import Mode
-from .resolution import Decision
-from .service import QUIET_STATES, PolicyService, ServiceStopping, describe
+from mtasts_policyd.core.names import clean_key
+from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.frontends.listeners import ConnectionSlots
+from mtasts_policyd.ops.metrics import REGISTRY
+from mtasts_policyd.resolution.resolver import Decision
+from mtasts_policyd.resolution.service import (
+    QUIET_STATES,
+    PolicyService,
+    ServiceStopping,
+    describe,
+)
 
-log = logging.getLogger("mtasts_policyd.exim")
+log = logging.getLogger("mtasts_policyd.frontends.exim")
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,16 @@ from typing import Any, NewType
 
 import yaml
 
-from .discovery import DnsSettings
-from .fetch import FetchSettings
-from .limits import limits as limits  # re-exported: config fields declare their ranges with it
-from .listeners import parse_address, parse_owner
-from .metrics import parse_metrics_address
-from .overrides import Override, OverrideError, make_override
-from .postfix import MapOptions
-from .resolution import ResolverSettings
+from mtasts_policyd.answers.postfix import MapOptions
+from mtasts_policyd.core.limits import (
+    limits as limits,  # re-exported: config fields declare their ranges with it
+)
+from mtasts_policyd.core.overrides import Override, OverrideError, make_override
+from mtasts_policyd.frontends.listeners import parse_address, parse_owner
+from mtasts_policyd.net.dns import DnsSettings
+from mtasts_policyd.net.https import FetchSettings
+from mtasts_policyd.ops.metrics import parse_metrics_address
+from mtasts_policyd.resolution.resolver import ResolverSettings
 
 
 class ConfigError(ValueError):

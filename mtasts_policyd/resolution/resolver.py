@@ -17,17 +17,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from .cache import Entry, PolicyCache
-from .discovery import Discovery, StsAnswer
-from .errors import DnsTemporaryFailure, Failure, InvalidRecord, MtaStsError, NoRecord
-from .fetch import PolicyFetcher
-from .limits import limits
-from .metrics import REGISTRY
-from .overrides import Override
-from .policy import Mode, Policy, parse_policy
-from .truststore import TrustStore
+from mtasts_policyd.core.errors import (
+    DnsTemporaryFailure,
+    Failure,
+    InvalidRecord,
+    MtaStsError,
+    NoRecord,
+)
+from mtasts_policyd.core.limits import limits
+from mtasts_policyd.core.overrides import Override
+from mtasts_policyd.core.policy import Mode, Policy, parse_policy
+from mtasts_policyd.net.dns import Discovery, StsAnswer
+from mtasts_policyd.net.https import PolicyFetcher
+from mtasts_policyd.net.trust import TrustStore
+from mtasts_policyd.ops.metrics import REGISTRY
+from mtasts_policyd.store.cache import Entry, PolicyCache
 
-log = logging.getLogger("mtasts_policyd.resolution")
+log = logging.getLogger("mtasts_policyd.resolution.resolver")
 
 
 class CacheState(enum.Enum):

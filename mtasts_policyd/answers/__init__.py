@@ -1,0 +1,1 @@
+"""What a decision means for an MTA: Postfix TLS policy text (Exim's replies live with its front end)."""

@@ -1,0 +1,1 @@
+"""Thin protocol front ends: Postfix socketmap, Exim readsocket, and their listeners."""

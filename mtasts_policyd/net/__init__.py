@@ -1,0 +1,1 @@
+"""The network behind small interfaces: DNS (dnspython), the trust store, HTTPS (requests)."""

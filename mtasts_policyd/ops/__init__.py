@@ -1,0 +1,1 @@
+"""Operations: warm, survey, cache tools, doctor, metrics."""

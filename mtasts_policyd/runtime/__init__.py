@@ -1,0 +1,1 @@
+"""Configuration and the daemon's wiring: what serve builds and runs."""

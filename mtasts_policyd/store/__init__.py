@@ -1,0 +1,1 @@
+"""Storage of what is known per domain: the cache entry, its stores (memory, SQLite)."""
