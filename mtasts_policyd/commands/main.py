@@ -14,6 +14,7 @@ from typing import Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.answers.postfix import tls_policy
+from mtasts_policyd.commands.common import add_common_options, concurrency  # noqa: F401 (also for ops' CLI parts)
 from mtasts_policyd.core.names import clean_key
 from mtasts_policyd.ops import cachetool, doctor, survey, warm
 from mtasts_policyd.ops.views import (
@@ -25,7 +26,7 @@ from mtasts_policyd.ops.views import (
 )
 from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
 from mtasts_policyd.runtime import signals
-from mtasts_policyd.runtime.config import LOG_LEVELS, Config, checked, load
+from mtasts_policyd.runtime.config import Config, checked, load
 from mtasts_policyd.runtime.daemon import (
     CacheMissing,
     build_resolver,
@@ -53,25 +54,6 @@ postfix main.cf:
 exim (see contrib/exim/exim.conf; no fail string: mail defers while the daemon is unreachable):
   ${readsocket{inet:127.0.0.1:8462}{policy $domain\\n}{5s:cache=yes}{}}
 """
-
-
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """--config, --cache, --log-level: every subcommand shares them, so cron and daemon share a cache."""
-    parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none, embedded defaults)")
-    parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        help="log verbosity (overrides log_level; default info)")
-
-
-def concurrency(text: str) -> int:
-    """argparse type for --concurrency: a whole number from 1 to 256."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 256: {text!r}")
-    return value
 
 
 def _register_serve(sub: Any) -> None:
