@@ -133,6 +133,8 @@ def test_metadata_of_other_helpers_is_read():
 def test_apply_reload_changes_nothing_when_any_part_is_bad(rig, make_resolver):
     # All or nothing even for a Config built without validate(): the log level is checked
     # before the overrides (or anything else) are replaced.
+    from mtasts_policyd.frontends import exim as exim_module
+    from mtasts_policyd.frontends import socketmap
     from mtasts_policyd.frontends.exim import EximFrontEnd
     from mtasts_policyd.frontends.socketmap import SocketmapFrontEnd
     from mtasts_policyd.resolution.service import PolicyService
@@ -145,7 +147,7 @@ def test_apply_reload_changes_nothing_when_any_part_is_bad(rig, make_resolver):
     settings = front.settings
     new = Config(overrides={}, log_level="verbose", workers=2)
     with pytest.raises(ValueError, match="log_level"):
-        apply_reload(Config(), new, resolver, front, exim)
+        apply_reload(Config(), new, resolver, [(socketmap.FRONT_END, front), (exim_module.FRONT_END, exim)])
     assert resolver.overrides is old and front.settings is settings
     service.close()
 

@@ -23,8 +23,8 @@ from typing import Any
 import dns.exception
 
 from mtasts_policyd.core.errors import MtaStsError, NoRecord
+from mtasts_policyd.frontends import netstring
 from mtasts_policyd.frontends.listeners import Address, parse_address
-from mtasts_policyd.frontends.socketmap import netstring
 from mtasts_policyd.net.dns import Discovery
 from mtasts_policyd.net.https import tls_context
 from mtasts_policyd.net.trust import (
@@ -97,20 +97,15 @@ def _connect(address: Address) -> socket.socket:
 def socketmap_probe(address: Address, name: str) -> str:
     """The reply to the netstring `NAME .invalid-key` (socketmap_table(5))."""
     with _connect(address) as sock:
-        sock.sendall(netstring(f"{name} {PROBE_KEY}"))
+        sock.sendall(netstring.encode(f"{name} {PROBE_KEY}"))
         data = b""
         while True:
-            length, colon, rest = data.partition(b":")
-            if colon:
-                if not length.isdigit() or int(length) > MAX_REPLY:
-                    raise ValueError(f"{data[:80]!r} (not a netstring)")
-                size = int(length)
-                if len(rest) > size:
-                    if rest[size:size + 1] != b",":
-                        raise ValueError(f"{data[:80]!r} (not a netstring)")
-                    return rest[:size].decode("utf-8", "replace")
-            elif data and not data.isdigit():
-                raise ValueError(f"{data[:80]!r} (not a netstring)")
+            try:
+                reply = netstring.decode_one(data, MAX_REPLY)
+            except netstring.FrameError:
+                raise ValueError(f"{data[:80]!r} (not a netstring)") from None
+            if reply is not None:
+                return reply.decode("utf-8", "replace")
             chunk = sock.recv(4096)
             if not chunk:
                 raise ValueError(f"{data[:80]!r} and closed the connection (no whole netstring)")
