@@ -56,6 +56,12 @@ class SocketmapSettings:
                    max_connections=section.max_connections, frame_timeout=section.frame_timeout)
 
 
+def map_reply(decision: Decision | None, options: MapOptions) -> str:
+    """The socketmap reply for a decision (socketmap_table(5)): "OK <policy>" or "NOTFOUND "."""
+    policy = tls_policy(decision, options) if decision is not None else None
+    return f"OK {policy}" if policy else "NOTFOUND "
+
+
 class SocketmapFrontEnd:
     """The request -> reply rule, shared by all connections of one listener set."""
 
@@ -86,8 +92,7 @@ class SocketmapFrontEnd:
             return memo[2]
         if len(self._replies) > 100_000:
             self._replies.clear()
-        policy = tls_policy(decision, options)
-        reply = f"OK {policy}" if policy else "NOTFOUND "
+        reply = map_reply(decision, options)
         self._replies[key] = (options, decision, reply)
         return reply
 
