@@ -7,8 +7,6 @@ import dataclasses
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
@@ -24,7 +22,8 @@ from mtasts_policyd.runtime.config import (
     validate,
 )
 from mtasts_policyd.runtime.daemon import apply_reload
-from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, secure
+from tests.conftest import Daemon, SocketmapClient, free_port, secure
+from tests.conftest import run_cli as run
 
 # (YAML text, the key the one-line message must name, a word of the reason)
 BAD = [
@@ -63,11 +62,6 @@ BAD = [
     ("resolver: {negative_ttl_min: -1}\n", "resolver.negative_ttl_min", "at least 1"),
     ("metrics: {listen: '127.0.0.1:99999'}\n", "metrics.listen", "HOST:PORT"),
 ]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
 
 
 @pytest.mark.parametrize("command", [["serve"], ["query", "example.test"]])

@@ -9,10 +9,8 @@ import time
 
 import pytest
 
+from tests.bodies import NONE, TESTING
 from tests.conftest import SocketmapClient, ask_unix, free_port, netstring, secure
-
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
 
 
 @pytest.fixture
@@ -143,8 +141,20 @@ def test_pipelined_requests_answered_in_order(rig, daemon):
 
 
 def test_idle_connection_closed(daemon):
+    # idle_timeout (2 s here) from the connection's start or its last request: closed then (within
+    # the client's 10 s), never before. The lower bounds hold however slow the machine is: the
+    # daemon's clock for a connection starts after the client's.
+    started = time.monotonic()
     client = SocketmapClient(daemon.port, timeout=10)
     assert client.read_reply() is None  # the daemon closed it after idle_timeout (2 s here)
+    assert time.monotonic() - started >= 2 - 0.05
+    client.close()
+    client = SocketmapClient(daemon.port, timeout=10)
+    asked = time.monotonic()
+    assert client.ask(".mtasts-policyd-test.invalid") == "NOTFOUND "  # answered at once, no lookup
+    assert client.read_reply() is None
+    assert time.monotonic() - asked >= 2 - 0.05  # counted from the last request
+    client.close()
 
 
 def test_concurrent_lookups_share_one_fetch(rig, daemon):
