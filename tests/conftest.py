@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -19,7 +21,11 @@ from mtasts_policyd.net.dns import Discovery, DnsSettings
 from mtasts_policyd.net.https import FetchSettings, PolicyFetcher
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolverSettings
 from mtasts_policyd.store.cache import PolicyCache
+from tests.bodies import ENFORCE
 from tests.rig import DnsServer, PolicyServer
+
+if TYPE_CHECKING:
+    from mtasts_policyd.store.cache import Entry
 
 ROOT = Path(__file__).resolve().parent.parent
 # The real-world corpus (README "What the parser accepts") is carried in the repository, bytes
@@ -28,8 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "corpus"
 SHARED_CORPUS = ROOT.parent / "shared" / "corpus"
 _serial = itertools.count(1)
-
-ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
 
 
 def secure(domain: str) -> str:
@@ -79,10 +83,12 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mtasts_policyd", *args]
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run `mtasts-policyd ARGS...` to completion, text output captured; never raises on exit status."""
+def run_cli(*args: str, input: str | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `mtasts-policyd ARGS...` to completion, text output captured; never raises on exit status.
+    `env`: the whole environment (None: this process's)."""
     return subprocess.run(cli_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          input=input, check=False)
+                          input=input, env=env, check=False)
 
 
 def write_config(rig: "Rig", directory: Path, cache: Path | None = None, *, create_cache: bool = True,
@@ -98,6 +104,27 @@ def write_config(rig: "Rig", directory: Path, cache: Path | None = None, *, crea
     if create_cache:
         PolicyCache(str(cache)).close()
     return str(path)
+
+
+def stored_entry(path: Path | str, domain: str) -> Entry | None:
+    """What another process reads for `domain` from the cache file now (opened and closed here)."""
+    with closing(PolicyCache(str(path))) as cache:
+        return cache.get(domain)
+
+
+@pytest.fixture
+def open_cache() -> Iterator[Callable[..., PolicyCache]]:
+    """Open caches for a test (`open_cache(path, **options)`); each is closed at its end, pass or fail."""
+    opened: list[PolicyCache] = []
+
+    def open_(path: Path | str, **options: Any) -> PolicyCache:
+        cache = PolicyCache(str(path), **options)
+        opened.append(cache)
+        return cache
+
+    yield open_
+    for cache in opened:
+        cache.close()
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +192,7 @@ class Daemon:
         self.log = open(self.log_path, "ab")
         config = [] if self.config_path is None else ["--config", str(self.config_path)]
         self.process = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "mtasts_policyd", "serve", *config, *self.args],
+            [*self.wrapper, *cli_command("serve", *config, *self.args)],
             cwd=ROOT, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

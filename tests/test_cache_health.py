@@ -25,7 +25,8 @@ import pytest
 from mtasts_policyd.core.policy import parse_policy
 from mtasts_policyd.resolution.resolver import merge
 from mtasts_policyd.store.cache import Entry, PolicyCache
-from tests.conftest import ENFORCE, SocketmapClient, free_port, secure
+from tests.bodies import ENFORCE
+from tests.conftest import SocketmapClient, free_port, secure, stored_entry
 from tests.test_metrics import get, scrape, value
 
 CHECK_INTERVAL = 0.2  # cache.check_interval for these daemons: recovery within a fraction of a second
@@ -327,10 +328,10 @@ def test_refused_write_is_kept_and_written_when_the_disk_takes_it(tmp_path):
     kept = cache.put(_enforce("a.test", 1000.0))
     assert kept is not None and kept.version == 0  # the version the disk has (none)
     assert not cache.persistent and cache.unsaved == 1 and cache.get("a.test") == kept
-    assert PolicyCache(path).get("a.test") is None
+    assert stored_entry(path, "a.test") is None
     cache.maintain(merge)  # reopens the connection (a read-only connection calls for it) and writes
     assert cache.persistent and cache.unsaved == 0
-    assert PolicyCache(path).get("a.test").policy_id == "1"
+    assert stored_entry(path, "a.test").policy_id == "1"
     cache.close()
 
 
@@ -346,20 +347,20 @@ def test_first_check_finds_a_file_that_refuses_writes_before_any_write(tmp_path)
     cache.close()
 
 
-def test_unsaved_entry_does_not_replace_a_newer_fetch_by_another_process(tmp_path):
+def test_unsaved_entry_does_not_replace_a_newer_fetch_by_another_process(tmp_path, open_cache):
     # While our write was refused, the warmer stored a later fetch: the retry merges like any write.
     path = str(tmp_path / "c.sqlite3")
-    cache, warmer = PolicyCache(path), PolicyCache(path)
+    cache, warmer = open_cache(path), open_cache(path)
     _refuse_writes(cache)
     cache.put(_enforce("a.test", 1000.0, "old"))
     warmer.put(_enforce("a.test", 2000.0, "new"))
     cache.maintain(merge)
-    assert cache.unsaved == 0 and PolicyCache(path).get("a.test").policy_id == "new"
+    assert cache.unsaved == 0 and stored_entry(path, "a.test").policy_id == "new"
     assert cache.get("a.test").policy_id == "new"
     cache.close()
 
 
-def test_deleted_file_is_recreated_with_everything_known(tmp_path):
+def test_deleted_file_is_recreated_with_everything_known(tmp_path, open_cache):
     path = tmp_path / "c.sqlite3"
     cache = PolicyCache(str(path), memory_entries=1)
     cache.put(_enforce("a.test", 1000.0))
@@ -368,7 +369,7 @@ def test_deleted_file_is_recreated_with_everything_known(tmp_path):
         (tmp_path / name).unlink()
     cache.maintain(merge)
     assert cache.persistent and cache.unsaved == 0
-    fresh = PolicyCache(str(path))
+    fresh = open_cache(path)
     assert fresh.get("a.test").policy_id == "1" and fresh.get("b.test").policy_id == "1"
     cache.close()
 
@@ -383,7 +384,7 @@ def test_corrupt_file_is_set_aside_and_recreated(tmp_path):
     cache.maintain(merge)
     assert cache.persistent and cache.unsaved == 0
     assert [p.name.split("-")[0] for p in tmp_path.glob("c.sqlite3.corrupt-*")] == ["c.sqlite3.corrupt"]
-    assert PolicyCache(str(path)).get("a.test").policy_id == "1"
+    assert stored_entry(path, "a.test").policy_id == "1"
     cache.close()
 
 

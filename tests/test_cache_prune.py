@@ -11,12 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from mtasts_policyd.core.errors import Failure, FailureKind
 from mtasts_policyd.core.policy import parse_policy
 from mtasts_policyd.store.cache import Entry, PolicyCache, PruneSettings
-from tests.conftest import ENFORCE, SocketmapClient
+from tests.bodies import ENFORCE
+from tests.conftest import SocketmapClient, write_config
 from tests.test_warm import run_warm
 
 DAY = 86400.0
@@ -152,8 +151,7 @@ def test_warm_prunes_the_cache(rig, tmp_path):
     cache.put(negative("expired-long-ago.test", now - 2 * DAY))
     cache.put(negative("fresh.test", now + 600))
     cache.close()
-    config = tmp_path / "warm.yaml"
-    config.write_text(yaml.safe_dump(rig.config(path)))
-    result = run_warm(str(config), "--jitter", "0", "--all")
+    config = write_config(rig, tmp_path, path, create_cache=False, name="warm.yaml")
+    result = run_warm(config, "--jitter", "0", "--all")
     assert result.returncode == 0, result.stderr
     assert rows(path) == {"fresh.test"}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from mtasts_policyd.core.policy import Mode
-from mtasts_policyd.store.cache import Entry, PolicyCache
-
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
+from mtasts_policyd.store.cache import Entry
+from tests.bodies import TESTING_ONE_MX
+from tests.conftest import stored_entry
 
 
 def test_stale_writer_does_not_overwrite_newer_policy(rig, make_resolver, clock, tmp_path):
@@ -15,7 +15,7 @@ def test_stale_writer_does_not_overwrite_newer_policy(rig, make_resolver, clock,
     daemon, warmer = make_resolver(path), make_resolver(path)
     assert daemon.resolve(domain).policy_id == "1"  # the daemon now holds id 1 in memory
     clock.advance(61)
-    rig.publish(domain, TESTING, id="2", ttl=60)
+    rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60)
     assert warmer.resolve(domain, refetch=True).policy_id == "2"
     # The daemon refreshes from its stale copy and fails: its write must not bring back id 1.
     rig.dns.fault(f"_mta-sts.{domain}", "servfail")
@@ -24,7 +24,7 @@ def test_stale_writer_does_not_overwrite_newer_policy(rig, make_resolver, clock,
     finally:
         rig.dns.fault(f"_mta-sts.{domain}", None)
     assert decision.policy_id == "2" and decision.mode is Mode.TESTING
-    stored = PolicyCache(str(path)).get(domain)
+    stored = stored_entry(path, domain)
     assert stored.policy_id == "2" and stored.policy.mode is Mode.TESTING
 
 
@@ -37,12 +37,12 @@ def test_later_result_wins_when_nobody_fetched_newer(rig, make_resolver, clock, 
     rig.publish(domain)
     clock.advance(3600)
     assert first.resolve(domain).mode is Mode.ENFORCE  # first's copy was stale; merged and stored
-    assert PolicyCache(str(path)).get(domain).policy.mode is Mode.ENFORCE
+    assert stored_entry(path, domain).policy.mode is Mode.ENFORCE
 
 
-def test_conflicting_insert_is_detected(tmp_path):
+def test_conflicting_insert_is_detected(tmp_path, open_cache):
     path = str(tmp_path / "c.sqlite3")
-    a, b = PolicyCache(path), PolicyCache(path)
+    a, b = open_cache(path), open_cache(path)
     assert a.put(Entry("x.test")) is not None
     assert b.put(Entry("x.test")) is None  # b thought the row did not exist
     current = b.reload("x.test")
@@ -50,29 +50,29 @@ def test_conflicting_insert_is_detected(tmp_path):
     assert b.put(current) is not None and a.reload("x.test").version == 2
 
 
-def test_batched_lookup_time_is_never_moved_back(tmp_path):
+def test_batched_lookup_time_is_never_moved_back(tmp_path, open_cache):
     # The daemon records lookup times in batches without a version bump; a writer that read the
     # row before that must not put an older lookup time back (the warmer selects by it).
     path = str(tmp_path / "c.sqlite3")
-    warmer, daemon = PolicyCache(path), PolicyCache(path)
+    warmer, daemon = open_cache(path), open_cache(path)
     warmer.put(Entry("x.test", last_lookup=100.0))
     read = warmer.reload("x.test")
     daemon.touch({"x.test": 200.0})
     assert warmer.put(read) is not None
-    assert PolicyCache(path).get("x.test").last_lookup == 200.0
+    assert stored_entry(path, "x.test").last_lookup == 200.0
 
 
-def test_write_failures_raise_only_in_strict_mode(tmp_path):
+def test_write_failures_raise_only_in_strict_mode(tmp_path, open_cache):
     # The daemon survives a disk that refuses writes (memory answers on); `cache import` and
     # `cache forget` must report it. query_only makes SQLite refuse writes like a read-only disk.
     import pytest
 
     from mtasts_policyd.store.cache import CacheWriteError
 
-    lenient = PolicyCache(str(tmp_path / "a.sqlite3"))
+    lenient = open_cache(tmp_path / "a.sqlite3")
     lenient._db.execute("PRAGMA query_only = ON")
     assert lenient.put(Entry("x.test")) is not None and lenient.get("x.test") is not None
-    strict = PolicyCache(str(tmp_path / "b.sqlite3"), strict=True)
+    strict = open_cache(tmp_path / "b.sqlite3", strict=True)
     strict._db.execute("PRAGMA query_only = ON")
     with pytest.raises(CacheWriteError, match="cannot write x.test"):
         strict.put(Entry("x.test"))

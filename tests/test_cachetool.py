@@ -16,12 +16,9 @@ from mtasts_policyd.core.errors import Failure, FailureKind
 from mtasts_policyd.core.policy import parse_policy
 from mtasts_policyd.ops.cachetool import entry_from_record
 from mtasts_policyd.store.cache import Entry, PolicyCache
+from tests.bodies import ENFORCE_ONE_MX, NONE, TESTING_TWO_WARNINGS
 from tests.conftest import SocketmapClient, write_config
 from tests.conftest import run_cli as run
-
-TESTING = "version: STSv1\nmode: testing\n  mx: mx1.{d}\nmx: mx2.{d} # old\nmax_age: 604800\n"  # two warnings
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
-ENFORCE_BODY = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
 
 
 def run_all(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
@@ -37,7 +34,7 @@ def json_lines(text: str) -> list[dict]:
 def test_list_show_forget(rig, tmp_path):
     enforce, testing, nothing, broken = rig.domain(), rig.domain(), rig.domain(), rig.domain()
     rig.publish(enforce, id="abc123")
-    rig.publish(testing, TESTING, id="t1")
+    rig.publish(testing, TESTING_TWO_WARNINGS, id="t1")
     rig.publish(broken, cert="untrusted")
     config = write_config(rig, tmp_path)
     assert run("query", "--config", config, enforce, testing, nothing, broken).returncode == 0
@@ -101,10 +98,10 @@ def test_export_import_round_trip(rig, tmp_path):
     enforce, testing, none, nothing, broken, failing_refresh = domains
     idn = f"xn--bcher-kva.{rig.domain()}"
     rig.publish(enforce)
-    rig.publish(testing, TESTING)
+    rig.publish(testing, TESTING_TWO_WARNINGS)
     rig.publish(none, NONE)
     rig.publish(broken, cert="untrusted")
-    rig.publish(failing_refresh, ENFORCE_BODY)
+    rig.publish(failing_refresh, ENFORCE_ONE_MX)
     rig.publish(idn)
     config = write_config(rig, tmp_path)
     assert run("query", "--config", config, *domains, idn.replace("xn--bcher-kva", "bücher")).returncode == 0
@@ -146,7 +143,7 @@ def test_export_import_round_trip(rig, tmp_path):
 
 
 def _record(domain: str, policy_id: str, fetched_at: float, **fields: object) -> dict:
-    body = ENFORCE_BODY.format(d=domain)
+    body = ENFORCE_ONE_MX.format(d=domain)
     return {"domain": domain, "txt_record": f"v=STSv1; id={policy_id}", "policy_id": policy_id,
             "policy_body": body, "fetched_at": fetched_at, **fields}
 
@@ -156,7 +153,7 @@ def test_import_keeps_newer_policies_and_rejects_invalid_records(tmp_path):
     now = time.time()
     cache = PolicyCache(str(path))
     for domain, policy_id, fetched_at in (("newer.test", "2", now - 100), ("older.test", "1", now - 5000)):
-        body = ENFORCE_BODY.format(d=domain).encode()
+        body = ENFORCE_ONE_MX.format(d=domain).encode()
         cache.put(Entry(domain, f"v=STSv1; id={policy_id}", policy_id, body, parse_policy(body), fetched_at))
     cache.close()
     entries = [

@@ -7,8 +7,6 @@ import dataclasses
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
@@ -24,7 +22,8 @@ from mtasts_policyd.runtime.config import (
     validate,
 )
 from mtasts_policyd.runtime.daemon import apply_reload
-from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, secure
+from tests.conftest import Daemon, SocketmapClient, free_port, secure
+from tests.conftest import run_cli as run
 
 # (YAML text, the key the one-line message must name, a word of the reason)
 BAD = [
@@ -63,11 +62,6 @@ BAD = [
     ("resolver: {negative_ttl_min: -1}\n", "resolver.negative_ttl_min", "at least 1"),
     ("metrics: {listen: '127.0.0.1:99999'}\n", "metrics.listen", "HOST:PORT"),
 ]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
 
 
 @pytest.mark.parametrize("command", [["serve"], ["query", "example.test"]])
@@ -133,6 +127,8 @@ def test_metadata_of_other_helpers_is_read():
 def test_apply_reload_changes_nothing_when_any_part_is_bad(rig, make_resolver):
     # All or nothing even for a Config built without validate(): the log level is checked
     # before the overrides (or anything else) are replaced.
+    from mtasts_policyd.frontends import exim as exim_module
+    from mtasts_policyd.frontends import socketmap
     from mtasts_policyd.frontends.exim import EximFrontEnd
     from mtasts_policyd.frontends.socketmap import SocketmapFrontEnd
     from mtasts_policyd.resolution.service import PolicyService
@@ -145,7 +141,7 @@ def test_apply_reload_changes_nothing_when_any_part_is_bad(rig, make_resolver):
     settings = front.settings
     new = Config(overrides={}, log_level="verbose", workers=2)
     with pytest.raises(ValueError, match="log_level"):
-        apply_reload(Config(), new, resolver, front, exim)
+        apply_reload(Config(), new, resolver, [(socketmap.FRONT_END, front), (exim_module.FRONT_END, exim)])
     assert resolver.overrides is old and front.settings is settings
     service.close()
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import yaml
 
 from mtasts_policyd.commands.main import main
 from mtasts_policyd.net.trust import directory_certificates, file_certificates
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port, run_cli
 from tests.e2e.exim_mta import CONFIG as CONTRIB_EXIM_CONF
 from tests.e2e.exim_mta import EXIM
 from tests.e2e.postfix_mta import CONTRIB_MAIN_CF, MASTER_CF, POSTCONF
@@ -154,8 +152,7 @@ def test_console_script_exit_code(tmp_path):
     config = tmp_path / "down.yaml"
     config.write_text(yaml.safe_dump({"socketmap": {"listen": [f"127.0.0.1:{free_port()}"]}, "exim": {"listen": []},
                                       "cache": {"path": str(tmp_path / "cache.sqlite3")}}))
-    result = subprocess.run([sys.executable, "-m", "mtasts_policyd", "doctor", "--config", str(config)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = run_cli("doctor", "--config", str(config))
     assert result.returncode == 1
     assert len(problems(result.stdout.splitlines())) >= 1
     assert result.stdout.splitlines()[-1].startswith("doctor: ")

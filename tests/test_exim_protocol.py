@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
+from tests.bodies import NONE, TESTING
 
 
 def exchange(port: int, request: bytes, *, half_close: bool = True, timeout: float = 15) -> bytes:

@@ -15,8 +15,8 @@ import pytest
 from mtasts_policyd.core.errors import CertificateInvalid, FailureKind, FetchError
 from mtasts_policyd.net.dns import Discovery
 from mtasts_policyd.net.https import WELL_KNOWN, PolicyFetcher
+from tests.bodies import ENFORCE_ONE_MX
 
-POLICY = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
 TIMEOUT = 1.0  # fetch timeout for these tests; the slow servers below take longer than this
 
 
@@ -56,7 +56,7 @@ def test_request_is_get_of_well_known_path_with_sni(rig, fetcher: PolicyFetcher)
     SNI asks for it, so a successful fetch recorded under that name proves the SNI. Only GET
     is answered (any other method gets 501 and is not recorded)."""
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     before = len(rig.https.requests)
 
     fetcher.fetch(domain)
@@ -69,15 +69,15 @@ def test_text_plain_with_parameters_or_other_case_is_accepted(rig, fetcher: Poli
     """RFC 8461 §3.2: the media type SHOULD be text/plain; parameters are ignored, and media
     types are case-insensitive (RFC 2045 §5.1)."""
     domain = rig.domain()
-    rig.publish(domain, POLICY, content_type=content_type)
+    rig.publish(domain, ENFORCE_ONE_MX, content_type=content_type)
 
-    assert fetcher.fetch(domain) == POLICY.format(d=domain).encode()
+    assert fetcher.fetch(domain) == ENFORCE_ONE_MX.format(d=domain).encode()
 
 
 def test_body_of_exactly_64_kib_is_accepted(rig, fetcher: PolicyFetcher) -> None:
     """RFC 8461 §3.3: the suggested limit is 64 KiB; a policy of exactly that size is within it."""
     domain = rig.domain()
-    head = POLICY.format(d=domain)
+    head = ENFORCE_ONE_MX.format(d=domain)
     body = head + "x" * (65536 - len(head))
     assert len(body.encode()) == 65536
     rig.publish(domain, body)
@@ -92,11 +92,11 @@ def test_next_address_is_tried_when_one_refuses(rig, fetcher: PolicyFetcher) -> 
     address first at least once; every one of them must succeed."""
     assert rig.https.host == "127.0.0.1"  # the server listens on this address only
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     rig.dns.set(f"mta-sts.{domain}", "A", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.1")
 
     for _ in range(4):
-        assert fetcher.fetch(domain) == POLICY.format(d=domain).encode()
+        assert fetcher.fetch(domain) == ENFORCE_ONE_MX.format(d=domain).encode()
     assert rig.https.count(domain) == 4
 
 
@@ -107,7 +107,7 @@ def test_next_address_is_tried_when_one_refuses(rig, fetcher: PolicyFetcher) -> 
 def test_status_other_than_200_is_fetch_error(rig, fetcher: PolicyFetcher, status: int) -> None:
     """RFC 8461 §3.3: only HTTP 200 gives a policy."""
     domain = rig.domain()
-    rig.publish(domain, POLICY, status=status)
+    rig.publish(domain, ENFORCE_ONE_MX, status=status)
 
     error = expect_fetch_error(fetcher, domain)
 
@@ -118,7 +118,7 @@ def test_status_other_than_200_is_fetch_error(rig, fetcher: PolicyFetcher, statu
 def test_missing_policy_file_is_fetch_error(rig, fetcher: PolicyFetcher) -> None:
     """RFC 8461 §3.3: the host exists and has a valid certificate, but no policy (404)."""
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     rig.https.remove(domain)  # the rig now answers 404 for this host
 
     expect_fetch_error(fetcher, domain)
@@ -130,9 +130,9 @@ def test_redirect_is_not_followed(rig, fetcher: PolicyFetcher, status: int) -> N
     """RFC 8461 §3.3: "HTTP 3xx redirects MUST NOT be followed". The target serves a valid
     policy and must receive no request at all."""
     domain, target = rig.domain("moved"), rig.domain("target")
-    rig.publish(target, POLICY)
+    rig.publish(target, ENFORCE_ONE_MX)
     location = f"https://mta-sts.{target}:{rig.https.port}{WELL_KNOWN}"
-    rig.publish(domain, POLICY, status=status, location=location)
+    rig.publish(domain, ENFORCE_ONE_MX, status=status, location=location)
 
     expect_fetch_error(fetcher, domain)
 
@@ -145,7 +145,7 @@ def test_other_media_type_is_fetch_error(rig, fetcher: PolicyFetcher, content_ty
     """RFC 8461 §3.2: the policy's media type is text/plain; anything else (or none) is refused,
     even when the body would parse as a policy."""
     domain = rig.domain()
-    rig.publish(domain, POLICY, content_type=content_type)
+    rig.publish(domain, ENFORCE_ONE_MX, content_type=content_type)
 
     expect_fetch_error(fetcher, domain)
 
@@ -165,7 +165,7 @@ def test_limit_applies_to_the_decoded_body(rig, fetcher: PolicyFetcher) -> None:
     """RFC 8461 §3.3 size limit: what must stay under 64 KiB is the policy, i.e. the body after
     Content-Encoding is undone; a 1 KiB gzip that inflates to 1 MiB is over the limit."""
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     rig.https.set_policy(domain, gzip.compress(b"x" * (1 << 20)), headers={"Content-Encoding": "gzip"})
 
     error = expect_fetch_error(fetcher, domain)
@@ -178,7 +178,7 @@ def test_slow_server_is_fetch_error(rig, fetcher: PolicyFetcher) -> None:
     """RFC 8461 §3.3: senders MAY bound the fetch time; a server that takes longer than the
     configured timeout (1 s here, answering only after 3 s) gives a fetch error."""
     domain = rig.domain()
-    rig.publish(domain, POLICY, delay=3.0)
+    rig.publish(domain, ENFORCE_ONE_MX, delay=3.0)
 
     expect_fetch_error(fetcher, domain)
     assert rig.https.count(domain) == 1
@@ -190,7 +190,7 @@ def test_endless_trickle_is_cut_by_the_overall_timeout(rig, fetcher: PolicyFetch
     16 bytes every 0.1 s forever never trips a per-read timeout, and must still be given up on
     (the pytest timeout is the bound; the 64 KiB limit alone would take minutes here)."""
     domain = rig.domain()
-    rig.publish(domain, POLICY, chunk_forever=True)
+    rig.publish(domain, ENFORCE_ONE_MX, chunk_forever=True)
 
     error = expect_fetch_error(fetcher, domain)
 
@@ -218,7 +218,7 @@ def test_bad_certificate_is_certificate_invalid(rig, fetcher: PolicyFetcher, cer
     chain to a trusted root and not be expired; otherwise no policy is fetched and the failure
     is reported as sts-webpki-invalid (RFC 8460 §4.3.2.2), distinct from a fetch error."""
     domain = rig.domain()
-    rig.publish(domain, POLICY, cert=cert)
+    rig.publish(domain, ENFORCE_ONE_MX, cert=cert)
 
     with pytest.raises(CertificateInvalid) as caught:
         fetcher.fetch(domain)
@@ -236,7 +236,7 @@ def test_policy_host_without_address_is_fetch_error(rig, fetcher: PolicyFetcher)
     nothing to fetch from (the TXT record alone is not a policy)."""
     domain = rig.domain()
     rig.dns.set(f"_mta-sts.{domain}", "TXT", "v=STSv1; id=1")
-    rig.https.set_policy(domain, POLICY.format(d=domain))
+    rig.https.set_policy(domain, ENFORCE_ONE_MX.format(d=domain))
 
     error = expect_fetch_error(fetcher, domain)
 
@@ -249,7 +249,7 @@ def test_policy_host_dns_failure_is_fetch_error(rig, fetcher: PolicyFetcher) -> 
     """RFC 8461 §3.3 with RFC 8460 §4.3.2.2: a policy host we cannot resolve (SERVFAIL) is a
     temporary fetch failure."""
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     rig.dns.fault(f"mta-sts.{domain}", "servfail")
     try:
         error = expect_fetch_error(fetcher, domain)
@@ -266,7 +266,7 @@ def test_nothing_listening_at_policy_host_is_fetch_error(rig, fetcher: PolicyFet
     listens on 127.0.0.1 only, the A record says 127.0.0.2)."""
     assert rig.https.host == "127.0.0.1"
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     rig.dns.set(f"mta-sts.{domain}", "A", "127.0.0.2")
 
     expect_fetch_error(fetcher, domain)

@@ -82,3 +82,13 @@ def test_no_import_circles():
     for start in sorted(edges):
         walk(start, [start])
     assert cycles == []
+
+
+def test_logger_names_in_the_readme_are_the_ones_used():
+    """README "Logs" documents grep-able logger names; moving a module must not rename its logger."""
+    import re
+
+    documented = set(re.findall(r"\b(?:DEBUG|INFO|WARNING|ERROR) (mtasts_policyd[\w.]*):", (ROOT / "README.md").read_text()))
+    used = set(re.findall(r'getLogger\("(mtasts_policyd[\w.]*)"\)',
+                          "".join(p.read_text() for p in PACKAGE.rglob("*.py"))))
+    assert documented and documented <= used

@@ -7,15 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import yaml
-
 from mtasts_policyd.runtime import sdnotify
-from tests.conftest import ROOT, SocketmapClient, ask_unix, free_port, secure
+from tests.conftest import ROOT, SocketmapClient, ask_unix, cli_command, free_port, run_cli, secure, write_config
 
 
 class NotifySocket:
@@ -42,14 +39,12 @@ class NotifySocket:
 def launch(rig, tmp_path: Path, notify: str | None = None, **extra: object) -> tuple[subprocess.Popen, int, Path]:
     """`mtasts-policyd serve` as systemd would start it (NOTIFY_SOCKET set); no waiting."""
     port = free_port()
-    data = rig.config(tmp_path / "cache.sqlite3", socketmap={"listen": [f"127.0.0.1:{port}"]},
-                      exim={"listen": []}, **extra)
-    config = tmp_path / f"config-{port}.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = write_config(rig, tmp_path, tmp_path / "cache.sqlite3", create_cache=False, name=f"config-{port}.yaml",
+                          socketmap={"listen": [f"127.0.0.1:{port}"]}, exim={"listen": []}, **extra)
     log = tmp_path / f"daemon-{port}.log"
     env = dict(os.environ, NOTIFY_SOCKET=notify) if notify else None
     with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(config)],
+        process = subprocess.Popen(cli_command("serve", "--config", config),
                                    cwd=ROOT, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
     return process, port, log
 
@@ -150,11 +145,9 @@ def test_sdnotify_without_or_with_a_dead_socket_is_harmless(tmp_path, monkeypatc
 
 def serve_once(rig, tmp_path: Path, path: Path) -> subprocess.CompletedProcess:
     """A daemon on the unix socket `path` that is expected to refuse to start."""
-    data = rig.config(tmp_path / "second.sqlite3", socketmap={"listen": [f"unix:{path}"]}, exim={"listen": []})
-    config = tmp_path / "second.yaml"
-    config.write_text(yaml.safe_dump(data))
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    config = write_config(rig, tmp_path, tmp_path / "second.sqlite3", create_cache=False, name="second.yaml",
+                          socketmap={"listen": [f"unix:{path}"]}, exim={"listen": []})
+    return run_cli("serve", "--config", config)
 
 
 def test_second_daemon_on_a_unix_socket_path_refuses_and_a_stale_one_is_replaced(rig, start_daemon, tmp_path):

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-import yaml
 
-from mtasts_policyd.ops.metrics import FrontEndMetrics, Metrics, parse_metrics_address
-from mtasts_policyd.resolution.resolver import CacheState, Decision
-from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, secure
+from mtasts_policyd.ops.metrics import FrontEndMetrics, Metrics
+from mtasts_policyd.ops.status_http import parse_metrics_address
+from mtasts_policyd.resolution.resolver import CacheState, Decision, Outcome
+from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, run_cli, secure, write_config
 from tests.test_exim_protocol import exchange
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
@@ -235,9 +236,8 @@ def test_metrics_listener_only_when_configured(rig, start_daemon, tmp_path):
     assert "listening metrics=" not in logs
     # --metrics with a bare port: loopback.
     port, metrics_port = free_port(), free_port()
-    data = rig.config(tmp_path / "flag.sqlite3", socketmap={"listen": [f"127.0.0.1:{port}"]}, exim={"listen": []})
-    path = tmp_path / "flag.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = Path(write_config(rig, tmp_path, tmp_path / "flag.sqlite3", create_cache=False,
+                             socketmap={"listen": [f"127.0.0.1:{port}"]}, exim={"listen": []}))
     flagged = Daemon(path, port, tmp_path / "flag.log", args=["--metrics", str(metrics_port)]).start()
     try:
         deadline = time.monotonic() + 10
@@ -252,8 +252,7 @@ def test_metrics_listener_only_when_configured(rig, start_daemon, tmp_path):
 def test_bad_metrics_address_is_a_config_error(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("metrics: {listen: 'nonsense'}\n")
-    result = subprocess.run([sys.executable, "-m", "mtasts_policyd", "serve", "--config", str(path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run_cli("serve", "--config", str(path))
     assert result.returncode == 2 and "metrics.listen" in result.stderr
     assert parse_metrics_address(":9461") == parse_metrics_address("127.0.0.1:9461")
 
@@ -290,7 +289,7 @@ def test_sigterm_drains_lookups_in_flight(rig, start_with_metrics, metrics_port)
 
 
 def test_registry_render_and_thread_counters():
-    metrics = Metrics()
+    metrics = Metrics(["socketmap"])
     front: FrontEndMetrics = metrics.frontends["socketmap"]
     hit = Decision("example.com", None, CacheState.HIT)
     front.answered("OK", hit)
@@ -301,7 +300,7 @@ def test_registry_render_and_thread_counters():
         thread.start()
     for thread in threads:
         thread.join()
-    metrics.refreshed("changed from id=1")
+    metrics.resolved(Outcome.CHANGED)
     text = metrics.render([("x_gauge", "gauge", "a \"test\"", [({"l": 'a"b\\c\nd'}, 1.5)])])
     assert 'mtasts_lookups_total{frontend="socketmap",answer="OK",cache="hit"} 2\n' in text
     assert 'mtasts_lookups_total{frontend="socketmap",answer="NOTFOUND",cache="none"} 1\n' in text

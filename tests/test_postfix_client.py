@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from tests.bodies import TESTING_ONE_MX
 from tests.conftest import secure
 
 POSTMAP = shutil.which("postmap") or ("/usr/sbin/postmap" if os.path.exists("/usr/sbin/postmap") else None)
@@ -20,8 +21,6 @@ if POSTMAP is None:
     if os.environ.get("CI"):
         raise RuntimeError("postmap is missing: .ci/run must install postfix")
     pytest.skip("postmap (Debian package postfix) is not installed", allow_module_level=True)
-
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def test_postmap_gets_enforce_policy(rig, daemon, postmap):
 
 def test_postmap_not_found_for_testing_and_no_policy(rig, daemon, postmap):
     testing, nothing = rig.domain(), rig.domain()
-    rig.publish(testing, TESTING)
+    rig.publish(testing, TESTING_ONE_MX)
     for key in (testing, nothing, "." + testing, "[192.0.2.1]"):
         result = postmap(key, daemon.port)
         assert (result.returncode, result.stdout, result.stderr) == (1, "", ""), key

@@ -14,9 +14,7 @@ from mtasts_policyd.core.errors import DnsTemporaryFailure, FailureKind, NoRecor
 from mtasts_policyd.core.policy import Mode
 from mtasts_policyd.resolution.resolver import CacheState, Decision
 from mtasts_policyd.resolution.service import PolicyService
-
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
+from tests.bodies import NONE, TESTING_ONE_MX
 
 
 def txt_queries(rig, domain):
@@ -135,7 +133,7 @@ def test_changed_id_means_new_fetch(rig, make_resolver, clock):
     rig.publish(domain, ttl=60)
     resolver = make_resolver()
     resolver.resolve(domain)
-    rig.publish(domain, TESTING, id="2", ttl=60)
+    rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60)
     clock.advance(61)
     decision = resolver.resolve(domain)
     assert decision.mode is Mode.TESTING and decision.policy_id == "2"
@@ -163,7 +161,7 @@ def test_fetch_failure_keeps_cached_policy_and_backs_off(rig, make_resolver, clo
     rig.publish(domain, ttl=60)
     resolver = make_resolver(backoff_min=300)
     resolver.resolve(domain)
-    rig.publish(domain, TESTING, id="2", ttl=60, status=500)
+    rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60, status=500)
     clock.advance(61)
     decision = resolver.resolve(domain)
     assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
@@ -173,7 +171,7 @@ def test_fetch_failure_keeps_cached_policy_and_backs_off(rig, make_resolver, clo
     assert cached.mode is Mode.ENFORCE and due is False  # backing off
     clock.advance(2)
     assert resolver.cached(domain)[1] is True
-    rig.publish(domain, TESTING, id="2", ttl=60)
+    rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60)
     assert resolver.resolve(domain).mode is Mode.TESTING
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import signal
 
+from tests.bodies import TESTING_ONE_MX
 from tests.conftest import SocketmapClient
-
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmax_age: 86400\n"
 
 
 def lookups(port: int, keys: list[str]) -> list[str | None]:
@@ -20,7 +19,7 @@ def lookups(port: int, keys: list[str]) -> list[str | None]:
 def _publish_three(rig):
     enforce, testing, nothing = rig.domain(), rig.domain(), rig.domain()
     rig.publish(enforce)
-    rig.publish(testing, TESTING)
+    rig.publish(testing, TESTING_ONE_MX)
     return [enforce, testing, nothing]
 
 

@@ -9,10 +9,8 @@ import time
 
 import pytest
 
+from tests.bodies import NONE, TESTING
 from tests.conftest import SocketmapClient, ask_unix, free_port, netstring, secure
-
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
 
 
 @pytest.fixture
@@ -143,8 +141,20 @@ def test_pipelined_requests_answered_in_order(rig, daemon):
 
 
 def test_idle_connection_closed(daemon):
+    # idle_timeout (2 s here) from the connection's start or its last request: closed then (within
+    # the client's 10 s), never before. The lower bounds hold however slow the machine is: the
+    # daemon's clock for a connection starts after the client's.
+    started = time.monotonic()
     client = SocketmapClient(daemon.port, timeout=10)
     assert client.read_reply() is None  # the daemon closed it after idle_timeout (2 s here)
+    assert time.monotonic() - started >= 2 - 0.05
+    client.close()
+    client = SocketmapClient(daemon.port, timeout=10)
+    asked = time.monotonic()
+    assert client.ask(".mtasts-policyd-test.invalid") == "NOTFOUND "  # answered at once, no lookup
+    assert client.read_reply() is None
+    assert time.monotonic() - asked >= 2 - 0.05  # counted from the last request
+    client.close()
 
 
 def test_concurrent_lookups_share_one_fetch(rig, daemon):
@@ -209,7 +219,7 @@ def test_default_log_level_logs_misses_not_cached_answers(rig, daemon):
     assert f"answer=NOTFOUND domain={nothing} cache=miss reason=no-record failure=no-record" in daemon.logs()
     assert f"refresh domain={domain} outcome=fetched" in daemon.logs()
     assert "reason=not-a-policy-domain" not in daemon.logs()
-    assert "WARNING mtasts_policyd.frontends.socketmap: socketmap map='nosuchmap' answer=PERM" in daemon.logs()
+    assert "WARNING mtasts_policyd.socketmap: socketmap map='nosuchmap' answer=PERM" in daemon.logs()
 
 
 def test_debug_level_logs_one_line_per_decision(rig, start_daemon):
@@ -218,7 +228,7 @@ def test_debug_level_logs_one_line_per_decision(rig, start_daemon):
     lines = decision_lines(daemon, domain)
     assert len(lines) == 2
     assert f"answer=OK domain={domain} cache=miss reason=policy-enforce" in lines[0]
-    assert f"DEBUG mtasts_policyd.frontends.socketmap: socketmap map=postfix answer=OK domain={domain} cache=hit " \
+    assert f"DEBUG mtasts_policyd.socketmap: socketmap map=postfix answer=OK domain={domain} cache=hit " \
            "reason=policy-enforce" in lines[1]
     assert f"answer=NOTFOUND domain={nothing} cache=negative reason=no-record" in daemon.logs()
     assert f"answer=NOTFOUND key='.{domain}' reason=not-a-policy-domain" in daemon.logs()

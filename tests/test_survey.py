@@ -14,25 +14,20 @@ import json
 import os
 import pty
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mtasts_policyd.ops.domainlist import parse_domain_list
 from mtasts_policyd.ops.survey import run_bounded
 from mtasts_policyd.store.cache import PolicyCache
-from tests.conftest import ROOT
+from tests.bodies import ENFORCE_ONE_MX, NONE, TESTING_WEEK
+from tests.conftest import ROOT, cli_command, write_config
 from tests.conftest import run_cli as run
 
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 604800\n"
-# publish() gives the MX hosts mx1.{d} and a.mx.{d}: this policy forgets the second one.
-MISMATCH = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
 ENFORCED = "version: STSv1\nmode: enforced\nmx: mx1.{d}\nmax_age: 86400\n"  # corpus typo: invalid
 # Accepted with two warnings (a comment line, an empty line at the end), as in corpus 0100/0141.
 QUIRKS = "# managed by hand\nversion: STSv1\nmode: enforce\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n\n"
@@ -62,9 +57,9 @@ def world(rig, tmp_path_factory) -> World:
     rig.publish(d["enforce"], id="e1")
     rig.dns.set(f"_smtp._tls.{d['enforce']}", "TXT", f"v=TLSRPTv1; rua=mailto:tls@{d['enforce']}, "
                                                       f"https://reports.{d['enforce']}/tlsrpt")
-    rig.publish(d["testing"], TESTING)
+    rig.publish(d["testing"], TESTING_WEEK)
     rig.dns.set(f"_smtp._tls.{d['testing']}", "TXT", "v=TLSRPTv1;rua=mailto:")  # corpus: empty rua URI
-    rig.publish(d["mismatch"], MISMATCH)
+    rig.publish(d["mismatch"], ENFORCE_ONE_MX)  # forgets a.mx.{d}, an MX host publish() gives
     rig.publish(d["none"], NONE)
     rig.dns.set(f"_mta-sts.{d['badtxt']}", "TXT", "v=STSv1; id=2025-11-09")  # corpus: hyphen in id
     rig.dns.set(f"_smtp._tls.{d['badtxt']}", "TXT", "v=spf1 -all", f"v=TLSRPTv1; rua=mailto:tls@{d['badtxt']}")
@@ -78,8 +73,7 @@ def world(rig, tmp_path_factory) -> World:
     rig.publish(d["quirks"], QUIRKS)
     rig.dns.set(f"_mta-sts.{d['txtspace']}", "TXT", "v=STSv1; id=1 ")  # RFC 8461 §3.1: trailing WSP
     cache = tmp / "cache.sqlite3"
-    config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump(rig.config(cache)))
+    config = Path(write_config(rig, tmp, cache, create_cache=False, name="config.yaml"))
     lines = ["# domains to survey", ""]
     for role in ROLES:
         lines.append(f"{d[role]}  # {role}")
@@ -246,8 +240,7 @@ def test_progress_bar_only_on_a_terminal(world):
     domains = world.tmp / "two.txt"
     domains.write_text(f"{world.d['enforce']}\n{world.d['norecord']}\n")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mtasts_policyd", "survey", "--config", str(world.config), "--format", "json",
-         str(domains)], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal)
+        cli_command("survey", "--config", str(world.config), "--format", "json", str(domains)), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal)
     os.close(terminal)
     seen = bytearray()
     while True:

@@ -26,9 +26,8 @@ from mtasts_policyd.net.trust import (
     file_certificates,
     trust_store,
 )
+from tests.bodies import ENFORCE_ONE_MX
 from tests.e2e.world import TRUST_VARIABLES
-
-POLICY = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n"
 
 
 def pem(ca: trustme.CA) -> str:
@@ -196,12 +195,12 @@ def test_test_ca_trusted_through_ssl_cert_file_alone(rig, bare_environment):
     the store is loaded into the context, before or after the fetch (requests would add certifi)."""
     bare_environment.setenv("SSL_CERT_FILE", rig.https.ca_file)
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     fetcher = fetcher_without_ca_file(rig)
     assert (fetcher.trust.kind, fetcher.trust.cafile) == ("SSL_CERT_FILE", rig.https.ca_file)
     before = fetcher._context.cert_store_stats()
 
-    assert fetcher.fetch(domain) == POLICY.format(d=domain).encode()
+    assert fetcher.fetch(domain) == ENFORCE_ONE_MX.format(d=domain).encode()
 
     assert fetcher._context.cert_store_stats() == before
     assert before["x509_ca"] == 1  # the test CA; the default directory is searched by hash, lazily
@@ -214,18 +213,18 @@ def test_test_ca_trusted_through_a_rehashed_ssl_cert_dir(rig, bare_environment, 
     subprocess.run(["openssl", "rehash", str(directory)], check=True, capture_output=True, timeout=30)
     bare_environment.setenv("SSL_CERT_DIR", str(directory))
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     fetcher = fetcher_without_ca_file(rig)
     assert fetcher.trust.kind == "SSL_CERT_DIR"
 
-    assert fetcher.fetch(domain) == POLICY.format(d=domain).encode()
+    assert fetcher.fetch(domain) == ENFORCE_ONE_MX.format(d=domain).encode()
 
 
 def test_machine_store_and_certifi_do_not_trust_the_test_ca(rig, bare_environment, tmp_path):
     """The control for the tests above and the end-to-end world: neither this machine's own store
     nor certifi's bundle (what a machine without a store falls back to) knows the test CA."""
     domain = rig.domain()
-    rig.publish(domain, POLICY)
+    rig.publish(domain, ENFORCE_ONE_MX)
     fetcher = fetcher_without_ca_file(rig)
     assert fetcher.trust.kind == "openssl-default"
     with pytest.raises(CertificateInvalid):

@@ -27,13 +27,12 @@ from mtasts_policyd.ops.warm import (
     warm,
 )
 from mtasts_policyd.store.cache import PolicyCache
-from tests.conftest import ENFORCE, ROOT, SocketmapClient, cli_command, write_config
+from tests.bodies import ENFORCE, NONE, TESTING
+from tests.conftest import ROOT, SocketmapClient, cli_command, run_cli, stored_entry, write_config
 
 NOW = WarmOptions(jitter=0)  # in-process runs: no random delays
 WEEK = "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 604800\n"
 MOVED = "version: STSv1\nmode: enforce\nmx: mx2.{d}\nmax_age: 86400\n"
-TESTING = "version: STSv1\nmode: testing\nmx: mx1.{d}\nmx: *.mx.{d}\nmax_age: 86400\n"
-NONE = "version: STSv1\nmode: none\nmax_age: 86400\n"
 V2 = ENFORCE.replace("max_age: 86400", "max_age: 86401")  # same answer, but a row shows which fetch it holds
 FAST = ("--jitter", "0", "--refetch-after", "0")
 
@@ -89,7 +88,7 @@ def test_new_id_is_picked_up_even_for_a_fresh_copy(rig, make_resolver, clock):
     assert kinds(result) == [AlertKind.MX_CHANGED]
     assert result.alerts[0].line() == (f"ALERT kind=mx-changed domain={domain} detail=mx1.{domain},*.mx.{domain} "
                                        f"-> mx2.{domain} (id 1 -> 2)")
-    stored = PolicyCache(resolver.cache.path).get(domain)
+    stored = stored_entry(resolver.cache.path, domain)
     assert stored.policy_id == "2" and stored.policy.mx == (f"mx2.{domain}",)
 
 
@@ -137,7 +136,7 @@ def test_failure_never_replaces_or_downgrades_a_good_policy(rig, make_resolver, 
         assert kinds(result) == [AlertKind.ENFORCE_NOT_REFRESHED]
         line = result.alerts[0].line()
         assert line.startswith(f"ALERT kind=enforce-not-refreshed domain={domain} detail=id=1 expires ")
-        stored = PolicyCache(resolver.cache.path).get(domain)
+        stored = stored_entry(resolver.cache.path, domain)
         assert stored.policy_id == "1" and stored.policy.mode is Mode.ENFORCE
         assert stored.fetched_at == first.fetched_at and stored.usable_policy(clock.now) is not None
         if how == "record-gone":
@@ -210,7 +209,7 @@ def command(config: str, *args: str) -> list[str]:
 
 
 def run_warm(config: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(config, *args), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    return run_cli("warm", "--config", config, *args)
 
 
 def consistent_entries(path: Path) -> dict:

@@ -18,20 +18,25 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mtasts_policyd.core.names import clean_key
 from mtasts_policyd.core.policy import Mode
-from mtasts_policyd.frontends.listeners import ConnectionSlots
-from mtasts_policyd.ops.metrics import REGISTRY
-from mtasts_policyd.resolution.resolver import Decision
-from mtasts_policyd.resolution.service import (
+from mtasts_policyd.frontends.base import (
     QUIET_STATES,
-    PolicyService,
-    ServiceStopping,
-    describe,
+    FrontEnd,
+    FrontEndCounters,
+    NoCounts,
+    decision_log_fields,
 )
+from mtasts_policyd.frontends.listeners import ConnectionSlots
+from mtasts_policyd.resolution.resolver import Decision
+from mtasts_policyd.resolution.service import PolicyService, ServiceStopping
 
-log = logging.getLogger("mtasts_policyd.frontends.exim")
+if TYPE_CHECKING:
+    from mtasts_policyd.runtime.config import EximConfig
+
+log = logging.getLogger("mtasts_policyd.exim")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,12 @@ class EximSettings:
     max_request: int = 1024  # bytes; one domain and one host name fit many times over
     read_timeout: float = 10.0  # a client that sends nothing (or half a line) is dropped after this
     max_connections: int = 1024  # at the cap, the oldest connection still sending its request is closed
+
+    @classmethod
+    def from_section(cls, section: EximConfig) -> EximSettings:
+        """The `exim` configuration section's keys for the front end (not its listeners')."""
+        return cls(max_request=section.max_request, read_timeout=section.read_timeout,
+                   max_connections=section.max_connections)
 
 
 def policy_reply(decision: Decision | None) -> str:
@@ -56,11 +67,18 @@ def mx_reply(decision: Decision | None, host: str) -> str:
 
 
 class EximFrontEnd:
-    def __init__(self, service: PolicyService, settings: EximSettings = EximSettings()) -> None:
+    def __init__(self, service: PolicyService, settings: EximSettings = EximSettings(),
+                 counters: FrontEndCounters | None = None) -> None:
         self.service = service
         self.settings = settings
-        self.metrics = REGISTRY.frontends["exim"]
+        self.counters: FrontEndCounters = counters if counters is not None else NoCounts()
         self.slots = ConnectionSlots()
+
+    def protocol(self) -> EximProtocol:
+        return EximProtocol(self)
+
+    def summary(self) -> str:
+        return ""
 
     async def answer(self, request: bytes) -> str:
         started = time.perf_counter()
@@ -79,17 +97,17 @@ class EximFrontEnd:
         decision = await self.service.lookup(domain) if domain is not None else None
         reply = mx_reply(decision, args[1]) if verb == "mx" else policy_reply(decision)
         answer = reply.split(" ", 1)[0]
-        self.metrics.answered(answer, decision, time.perf_counter() - started)
+        self.counters.answered(answer, decision, time.perf_counter() - started)
         level = logging.DEBUG if decision is None or decision.cache in QUIET_STATES else logging.INFO  # README "Logs"
         if log.isEnabledFor(level):
             target = f" host={args[1]}" if verb == "mx" else ""
-            what = describe(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"
+            what = decision_log_fields(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"
             log.log(level, "exim verb=%s answer=%s %s%s", verb, answer, what, target)
         return reply
 
     def _error(self, reason: str, started: float) -> str:
         log.warning("exim answer=error reason=%r", reason)
-        self.metrics.answered("error", None, time.perf_counter() - started)
+        self.counters.answered("error", None, time.perf_counter() - started)
         return f"error {reason}"
 
 
@@ -133,7 +151,7 @@ class EximProtocol(asyncio.Protocol):
     def _timed_out(self) -> None:
         if not self.answered:
             log.warning("exim answer=error reason='no complete request within %ss'", self.front.settings.read_timeout)
-            self.front.metrics.protocol_errors += 1
+            self.front.counters.protocol_error()
             self._finish("error timeout waiting for the request line")
 
     def data_received(self, data: bytes) -> None:
@@ -145,7 +163,7 @@ class EximProtocol(asyncio.Protocol):
             self._start(bytes(self.buffer[:newline]))
         elif len(self.buffer) > self.front.settings.max_request:
             log.warning("exim answer=error reason='request longer than %d bytes'", self.front.settings.max_request)
-            self.front.metrics.protocol_errors += 1
+            self.front.counters.protocol_error()
             self._finish(f"error request longer than {self.front.settings.max_request} bytes")
 
     def eof_received(self) -> bool:
@@ -156,7 +174,7 @@ class EximProtocol(asyncio.Protocol):
     def _start(self, request: bytes) -> None:
         self.answered = True
         if len(request) > self.front.settings.max_request:
-            self.front.metrics.protocol_errors += 1
+            self.front.counters.protocol_error()
             self._finish(f"error request longer than {self.front.settings.max_request} bytes")
             return
         self.task = asyncio.get_running_loop().create_task(self._answer(request.rstrip(b"\r")))
@@ -166,11 +184,11 @@ class EximProtocol(asyncio.Protocol):
             reply = await self.front.answer(request)
         except ServiceStopping:
             log.warning("exim answer=error reason=stopping")
-            self.front.metrics.answered("error", None)
+            self.front.counters.answered("error", None)
             reply = "error mtasts-policyd is stopping"
         except Exception as exc:  # never a silent downgrade: Exim sees an error, not "none"
             log.error("exim answer=error reason=internal-error error=%r", exc)
-            self.front.metrics.answered("error", None)
+            self.front.counters.answered("error", None)
             reply = "error internal error in mtasts-policyd; see its log"
         self._finish(reply)
 
@@ -181,3 +199,8 @@ class EximProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(reply.encode("utf-8") + b"\n")
             self.transport.close()
+
+
+FRONT_END = FrontEnd[EximSettings](
+    name="exim", section="exim", settings=EximSettings.from_section,
+    build=lambda service, settings, counters: EximFrontEnd(service, settings, counters))

@@ -15,21 +15,27 @@ import time
 from dataclasses import dataclass, field
 from time import monotonic
 
+from typing import TYPE_CHECKING
+
 from mtasts_policyd.answers.postfix import MapOptions, tls_policy
 from mtasts_policyd.core.names import clean_key
-from mtasts_policyd.frontends.listeners import ConnectionSlots
-from mtasts_policyd.ops.metrics import REGISTRY
-from mtasts_policyd.resolution.resolver import Decision
-from mtasts_policyd.resolution.service import (
+from mtasts_policyd.frontends.base import (
     QUIET_STATES,
-    PolicyService,
-    ServiceStopping,
-    describe,
+    FrontEnd,
+    FrontEndCounters,
+    NoCounts,
+    decision_log_fields,
 )
+from mtasts_policyd.frontends.listeners import ConnectionSlots
+from mtasts_policyd.frontends.netstring import FrameError, NetstringDecoder, encode
+from mtasts_policyd.resolution.resolver import Decision
+from mtasts_policyd.resolution.service import PolicyService, ServiceStopping
 
-log = logging.getLogger("mtasts_policyd.frontends.socketmap")
+if TYPE_CHECKING:
+    from mtasts_policyd.runtime.config import SocketmapConfig
 
-MAX_LENGTH_DIGITS = 6
+log = logging.getLogger("mtasts_policyd.socketmap")
+
 # Requests of one connection waiting behind a lookup that needs the network. Postfix sends one
 # request at a time; a client that pipelines more is not read from until the queue drains.
 MAX_QUEUED = 64
@@ -43,20 +49,28 @@ class SocketmapSettings:
     max_connections: int = 1024  # at the cap the connection idle longest is closed (ConnectionSlots)
     frame_timeout: float = 10.0  # from a request's first byte to its last: Postfix sends it at once
 
+    @classmethod
+    def from_section(cls, section: SocketmapConfig) -> SocketmapSettings:
+        """The `socketmap` configuration section's keys for the front end (not its listeners')."""
+        return cls(maps=section.maps, max_request=section.max_request, idle_timeout=section.idle_timeout,
+                   max_connections=section.max_connections, frame_timeout=section.frame_timeout)
 
-def netstring(text: str) -> bytes:
-    data = text.encode("utf-8")
-    return b"%d:%s," % (len(data), data)
+
+def map_reply(decision: Decision | None, options: MapOptions) -> str:
+    """The socketmap reply for a decision (socketmap_table(5)): "OK <policy>" or "NOTFOUND "."""
+    policy = tls_policy(decision, options) if decision is not None else None
+    return f"OK {policy}" if policy else "NOTFOUND "
 
 
 class SocketmapFrontEnd:
     """The request -> reply rule, shared by all connections of one listener set."""
 
-    def __init__(self, service: PolicyService, settings: SocketmapSettings = SocketmapSettings()) -> None:
+    def __init__(self, service: PolicyService, settings: SocketmapSettings = SocketmapSettings(),
+                 counters: FrontEndCounters | None = None) -> None:
         self.service = service
         self.settings = settings
         self.slots = ConnectionSlots()
-        self.metrics = REGISTRY.frontends["socketmap"]
+        self.counters: FrontEndCounters = counters if counters is not None else NoCounts()
         # Reply text per (map options, decision object): cached decisions are reused objects, so
         # a hit formats nothing. The decision is kept in the value so its id cannot be reused.
         self._replies: dict[tuple[int, int], tuple[MapOptions, Decision, str]] = {}
@@ -65,6 +79,12 @@ class SocketmapFrontEnd:
     def connections(self) -> int:
         return len(self.slots)
 
+    def protocol(self) -> SocketmapProtocol:
+        return SocketmapProtocol(self)
+
+    def summary(self) -> str:
+        return f"maps={','.join(sorted(self.settings.maps))}"
+
     def _policy_reply(self, options: MapOptions, decision: Decision) -> str:
         key = (id(options), id(decision))
         memo = self._replies.get(key)
@@ -72,8 +92,7 @@ class SocketmapFrontEnd:
             return memo[2]
         if len(self._replies) > 100_000:
             self._replies.clear()
-        policy = tls_policy(decision, options)
-        reply = f"OK {policy}" if policy else "NOTFOUND "
+        reply = map_reply(decision, options)
         self._replies[key] = (options, decision, reply)
         return reply
 
@@ -81,7 +100,7 @@ class SocketmapFrontEnd:
                elapsed: float = 0.0) -> str:
         reply = self._policy_reply(options, decision) if decision is not None else "NOTFOUND "
         policy = reply != "NOTFOUND "
-        self.metrics.answered("OK" if policy else "NOTFOUND", decision, elapsed)  # at once: 0 s, no clock read
+        self.counters.answered("OK" if policy else "NOTFOUND", decision, elapsed)  # at once: 0 s, no clock read
         # Cached answers and keys that cannot be domains are debug: at info, a line per cached
         # lookup would cost more than the lookup (README "Logs").
         if decision is None:
@@ -89,9 +108,9 @@ class SocketmapFrontEnd:
                 log.debug("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
         elif decision.cache in QUIET_STATES:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", describe(decision))
+                log.debug("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", decision_log_fields(decision))
         elif log.isEnabledFor(logging.INFO):
-            log.info("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", describe(decision))
+            log.info("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", decision_log_fields(decision))
         return reply
 
     def immediate(self, request: bytes) -> tuple[str | None, str | None]:
@@ -126,7 +145,7 @@ class SocketmapFrontEnd:
 
     def _unknown_map(self, name: str | bytes, reason: str) -> str:
         log.warning("socketmap map=%r answer=PERM reason=unknown-map-name", name)
-        self.metrics.answered("PERM", None)
+        self.counters.answered("PERM", None)
         return f"PERM {reason}; this daemon serves {', '.join(sorted(self.settings.maps))}"
 
     async def resolve(self, request: bytes, domain: str) -> str:
@@ -137,11 +156,11 @@ class SocketmapFrontEnd:
             decision = await self.service.lookup(domain)
         except ServiceStopping:
             log.warning("socketmap map=%s domain=%s answer=TEMP reason=stopping", name, domain)
-            self.metrics.answered("TEMP", None, time.perf_counter() - started)
+            self.counters.answered("TEMP", None, time.perf_counter() - started)
             return "TEMP mtasts-policyd is stopping; try again"
         except Exception as exc:  # a bug must defer mail, never downgrade it silently
             log.error("socketmap map=%s domain=%s answer=TEMP reason=internal-error error=%r", name, domain, exc)
-            self.metrics.answered("TEMP", None, time.perf_counter() - started)
+            self.counters.answered("TEMP", None, time.perf_counter() - started)
             return "TEMP internal error in mtasts-policyd; see its log"
         return self._reply(name, key, options, decision, time.perf_counter() - started)
 
@@ -160,13 +179,13 @@ class SocketmapProtocol(asyncio.Protocol):
 
     def __init__(self, front: SocketmapFrontEnd) -> None:
         self.front = front
-        self.buffer = bytearray()
+        self.decoder = NetstringDecoder()  # the bytes of an incomplete request
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.queue: collections.deque[tuple[bytes, str | None]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
         self.last_activity = self.loop.time()  # the last complete request or reply (idle timeout)
-        self.frame_started = 0.0  # first byte of the incomplete request in `buffer` (frame timeout)
+        self.frame_started = 0.0  # first byte of the incomplete request in `decoder` (frame timeout)
         self.write_paused_at: float | None = None  # since when the client has not read its replies
         self.writable: asyncio.Future[None] | None = None  # resolved when writing may go on
         self.reading = True
@@ -196,13 +215,13 @@ class SocketmapProtocol(asyncio.Protocol):
     def eviction_rank(self) -> tuple[int, float] | None:
         if self.worker is not None:
             return None  # a lookup is pending: its answer is awaited
-        if self.buffer:
+        if self.decoder:
             return 0, self.frame_started
         return 1, self.last_activity
 
     def evict(self) -> None:
         log.info("socketmap connection closed to make room: idle %.0fs%s, %d connections open",
-                 self.loop.time() - self.last_activity, " with an incomplete request" if self.buffer else "",
+                 self.loop.time() - self.last_activity, " with an incomplete request" if self.decoder else "",
                  len(self.front.slots))
         self._close()
 
@@ -220,7 +239,7 @@ class SocketmapProtocol(asyncio.Protocol):
             return self.write_paused_at + settings.idle_timeout, "replies not read"
         if not self.reading:
             return None  # our own back-pressure: waiting for lookups (each bounded by lookup_timeout)
-        if self.buffer:
+        if self.decoder:
             return self.frame_started + settings.frame_timeout, "request not completed"
         if self.worker is None:
             return self.last_activity + settings.idle_timeout, "idle"
@@ -283,54 +302,40 @@ class SocketmapProtocol(asyncio.Protocol):
 
     def _error(self, reason: str, reply: bool) -> None:
         log.warning("socketmap protocol error: %s; closing connection", reason)
-        self.front.metrics.protocol_errors += 1
+        self.front.counters.protocol_error()
         if reply:
             self._send(f"PERM {reason}")
         self._close()
 
     def _send(self, text: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(netstring(text))
+            self.transport.write(encode(text))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
         now = monotonic()  # the event loop's clock (loop.time()), without the method call
-        if not self.buffer:
+        if not self.decoder:
             self.frame_started = now
-        self.buffer += data
+        self.decoder.feed(data)
         self._parse(now)
 
     def _parse(self, now: float) -> None:
         handled = False
-        while self.buffer and self.reading and not self.closing:
-            colon = self.buffer.find(b":", 0, MAX_LENGTH_DIGITS + 1)
-            if colon < 0:
-                if len(self.buffer) > MAX_LENGTH_DIGITS or not self.buffer.isdigit():
-                    self._error("malformed netstring length", reply=True)
-                break
-            digits = bytes(self.buffer[:colon])
-            if not digits.isdigit():
-                self._error("malformed netstring length", reply=True)
-                break
-            length = int(digits)
-            if length > self.front.settings.max_request:
-                self._error(f"request longer than {self.front.settings.max_request} bytes", reply=True)
-                break
-            end = colon + 1 + length
-            if len(self.buffer) <= end:
-                break  # wait for the rest
-            if self.buffer[end] != ord(","):
-                self._error("netstring not terminated by ','", reply=True)
-                break
-            request = bytes(self.buffer[colon + 1:end])
-            del self.buffer[:end + 1]
-            handled = True
-            self._handle(request)
+        frames = self.decoder.frames(self.front.settings.max_request)
+        try:
+            while self.reading and not self.closing:  # stop taking requests when reading pauses
+                request = next(frames, None)
+                if request is None:
+                    break
+                handled = True
+                self._handle(request)
+        except FrameError as exc:  # the framing is lost: PERM where a reply still makes sense, and close
+            self._error(str(exc), reply=True)
         if handled:
             self.last_activity = now
             self.frame_started = now  # a rest in the buffer is the next request, begun in this read
-        if self.buffer and self.reading and not self.closing:
+        if self.decoder and self.reading and not self.closing:
             # An incomplete request: make sure the timer fires by its deadline (it usually waits
             # for the idle one). Postfix sends whole requests, so this is rare.
             deadline = self.frame_started + self.front.settings.frame_timeout
@@ -368,3 +373,8 @@ class SocketmapProtocol(asyncio.Protocol):
                 self.last_activity = self.loop.time()
         finally:
             self.worker = None
+
+
+FRONT_END = FrontEnd[SocketmapSettings](
+    name="socketmap", section="socketmap", settings=SocketmapSettings.from_section,
+    build=lambda service, settings, counters: SocketmapFrontEnd(service, settings, counters))

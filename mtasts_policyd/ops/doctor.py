@@ -1,7 +1,8 @@
-"""`mtasts-policyd doctor [--postfix] [--exim]`: check the live setup and say what to change.
+"""The checks of `mtasts-policyd doctor [--postfix] [--exim]`: the live setup, and what to change.
 
 Each check is a small function returning findings: `ok`, `warning`, or `problem` (one line: what
-is wrong and what to change). The exit code is 1 when there is a problem, else 0. Checks only look:
+is wrong and what to change); it takes the values it checks (listeners, the trust store, DNS
+settings, a path), and commands/doctor.py takes them from the configuration. Checks only look:
 the listeners get a probe that needs no lookup (a `.invalid` key, RFC 6761 §6.4, in Postfix's
 parent-domain form, which the daemon answers at once and caches nowhere), the cache directory gets
 a temporary file removed at once, the MTA configurations are only read.
@@ -9,7 +10,6 @@ a temporary file removed at once, the MTA configurations are only read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -18,24 +18,20 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import dns.exception
 
 from mtasts_policyd.core.errors import MtaStsError, NoRecord
+from mtasts_policyd.frontends import netstring
 from mtasts_policyd.frontends.listeners import Address, parse_address
-from mtasts_policyd.frontends.socketmap import netstring
-from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.dns import Discovery, DnsSettings
 from mtasts_policyd.net.https import tls_context
 from mtasts_policyd.net.trust import (
     TrustStore,
     directory_certificates,
     file_certificates,
-    trust_store,
 )
 from mtasts_policyd.ops import eximconf
-from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.store.cache import default_cache_path
 
 PROBE_KEY = ".mtasts-policyd-doctor.invalid"  # parent-domain form: NOTFOUND / none, no lookup
 PROBE_TIMEOUT = 5.0
@@ -48,6 +44,15 @@ POSTFIX_PARAMETERS = ("smtp_tls_policy_maps", "smtp_tls_CAfile", "smtp_tls_CApat
 ROUTER, TRANSPORT = "mtasts_enforce", "mtasts_smtp"  # the names contrib/exim/exim.conf gives them
 # What makes mtasts_smtp enforce (RFC 8461 §4.2, §5): TLS required, chain and name verified.
 TRANSPORT_OPTIONS = {"hosts_require_tls": "*", "tls_verify_hosts": "*", "tls_verify_cert_hostnames": "*"}
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """The daemon's listeners as its configuration has them: what the MTAs should ask."""
+
+    socketmap: tuple[Address, ...]  # socketmap.listen
+    maps: tuple[str, ...]  # socketmap.maps, the names the socketmap serves
+    exim: tuple[Address, ...]  # exim.listen
 
 
 @dataclass(frozen=True)
@@ -97,20 +102,15 @@ def _connect(address: Address) -> socket.socket:
 def socketmap_probe(address: Address, name: str) -> str:
     """The reply to the netstring `NAME .invalid-key` (socketmap_table(5))."""
     with _connect(address) as sock:
-        sock.sendall(netstring(f"{name} {PROBE_KEY}"))
+        sock.sendall(netstring.encode(f"{name} {PROBE_KEY}"))
         data = b""
         while True:
-            length, colon, rest = data.partition(b":")
-            if colon:
-                if not length.isdigit() or int(length) > MAX_REPLY:
-                    raise ValueError(f"{data[:80]!r} (not a netstring)")
-                size = int(length)
-                if len(rest) > size:
-                    if rest[size:size + 1] != b",":
-                        raise ValueError(f"{data[:80]!r} (not a netstring)")
-                    return rest[:size].decode("utf-8", "replace")
-            elif data and not data.isdigit():
-                raise ValueError(f"{data[:80]!r} (not a netstring)")
+            try:
+                reply = netstring.decode_one(data, MAX_REPLY)
+            except netstring.FrameError:
+                raise ValueError(f"{data[:80]!r} (not a netstring)") from None
+            if reply is not None:
+                return reply.decode("utf-8", "replace")
             chunk = sock.recv(4096)
             if not chunk:
                 raise ValueError(f"{data[:80]!r} and closed the connection (no whole netstring)")
@@ -150,16 +150,16 @@ def _check_listener(check: str, address: Address, probe: Callable[[Address], str
                           f"another configuration, listens there; correct {setting} or restart the daemon")
 
 
-def check_listeners(config: Config) -> list[Finding]:
+def check_listeners(listeners: Listeners) -> list[Finding]:
     """Each configured listener accepts a connection and answers the probe as this daemon does."""
-    if not config.socketmap.listen and not config.exim.listen:
+    if not listeners.socketmap and not listeners.exim:
         return [problem("socketmap", "socketmap.listen and exim.listen are both empty: the daemon answers "
                                      "nobody; configure a listener")]
-    name = next(iter(config.socketmap.maps), "postfix")
-    return [*(_check_listener("socketmap", parse_address(text), lambda a: socketmap_probe(a, name), "NOTFOUND ",
-                              "socketmap.listen") for text in config.socketmap.listen),
-            *(_check_listener("exim-listener", parse_address(text), exim_probe, "none", "exim.listen")
-              for text in config.exim.listen)]
+    name = next(iter(listeners.maps), "postfix")
+    return [*(_check_listener("socketmap", address, lambda a: socketmap_probe(a, name), "NOTFOUND ",
+                              "socketmap.listen") for address in listeners.socketmap),
+            *(_check_listener("exim-listener", address, exim_probe, "none", "exim.listen")
+              for address in listeners.exim)]
 
 
 def check_trust_store(store: TrustStore) -> list[Finding]:
@@ -176,9 +176,8 @@ def check_trust_store(store: TrustStore) -> list[Finding]:
     return [ok("trust-store", f"trust store={store}"), *(warning("trust-store", note) for note in store.notes)]
 
 
-def check_resolver(config: Config) -> list[Finding]:
+def check_resolver(dns_settings: DnsSettings) -> list[Finding]:
     """The configured resolver answers `. NS`; NXDOMAIN or no data is an answer too."""
-    dns_settings = config.dns
     where = (", ".join(f"{server} port {dns_settings.port}" for server in dns_settings.nameservers)
              if dns_settings.nameservers else "the system resolver (/etc/resolv.conf)")
     change = "point dns.nameservers at a working resolver" + ("" if dns_settings.nameservers
@@ -195,9 +194,9 @@ def check_resolver(config: Config) -> list[Finding]:
     return [ok("resolver", f"{where} answers (. NS: {len(servers)} name{'s' * (len(servers) != 1)})")]
 
 
-def check_cache(config: Config) -> list[Finding]:
+def check_cache(cache_path: str) -> list[Finding]:
     """The cache's directory takes a new file (the cache itself is not created here)."""
-    path = os.path.abspath(config.cache.path or default_cache_path())
+    path = os.path.abspath(cache_path)
     directory = existing = os.path.dirname(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -277,39 +276,38 @@ def _postfix_form(address: Address) -> str:
     return f"unix:{address.path}" if address.path is not None else f"inet:{address}"
 
 
-def _policy_maps(config: Config, values: dict[str, str]) -> tuple[list[str], list[tuple[str, Address, str]]]:
+def _policy_maps(listeners: Listeners, values: dict[str, str]) -> tuple[list[str], list[tuple[str, Address, str]]]:
     """smtp_tls_policy_maps' entries, and those asking a socketmap listener of this daemon:
     (entry, listener, map name)."""
-    listeners = [parse_address(text) for text in config.socketmap.listen]
     entries = [entry for entry in re.split(r"[\s,]+", values["smtp_tls_policy_maps"]) if entry]
     ours = []
     for entry in entries:
         if entry.startswith("socketmap:"):
             endpoint, _, name = entry.removeprefix("socketmap:").rpartition(":")
             address = _endpoint(endpoint, values["queue_directory"])
-            if address is not None and address in listeners:
+            if address is not None and address in listeners.socketmap:
                 ours.append((entry, address, name))
     return entries, ours
 
 
-def check_postfix_map(config: Config, values: dict[str, str]) -> list[Finding]:
+def check_postfix_map(listeners: Listeners, values: dict[str, str]) -> list[Finding]:
     """smtp_tls_policy_maps asks a socketmap listener of this daemon for a name it serves."""
-    if not config.socketmap.listen:
+    if not listeners.socketmap:
         return [problem("postfix", "socketmap.listen is empty: Postfix cannot ask this daemon; configure a "
                                    "socketmap listener")]
-    entries, ours = _policy_maps(config, values)
+    entries, ours = _policy_maps(listeners, values)
     if not ours:
-        first = parse_address(config.socketmap.listen[0])
-        suggestion = f"socketmap:{_postfix_form(first)}:{next(iter(config.socketmap.maps), 'postfix')}"
+        first = listeners.socketmap[0]
+        suggestion = f"socketmap:{_postfix_form(first)}:{next(iter(listeners.maps), 'postfix')}"
         others = [entry for entry in entries if entry.startswith("socketmap:")]
         seen = f" (it has {', '.join(others)})" if others else ""
         return [problem("postfix", f"smtp_tls_policy_maps asks no socketmap listener of this daemon{seen}: "
                                    f"add smtp_tls_policy_maps = {suggestion}")]
     findings = []
     for entry, address, name in ours:
-        if name not in config.socketmap.maps:
+        if name not in listeners.maps:
             findings.append(problem("postfix", f"smtp_tls_policy_maps entry {entry}: map name {name!r} is not "
-                                               f"served (socketmap.maps: {', '.join(config.socketmap.maps)}), so "
+                                               f"served (socketmap.maps: {', '.join(listeners.maps)}), so "
                                                "Postfix gets PERM and defers all mail: use one of those names"))
             continue
         try:
@@ -357,7 +355,7 @@ def check_postfix_cas(values: dict[str, str], store: TrustStore) -> list[Finding
     return findings
 
 
-def check_postfix_level(config: Config, values: dict[str, str]) -> list[Finding]:
+def check_postfix_level(listeners: Listeners, values: dict[str, str]) -> list[Finding]:
     """The default level for destinations without an enforce policy, and DANE's requirements."""
     level, dns_level = values["smtp_tls_security_level"], values["smtp_dns_support_level"]
     if level in ("", "none"):
@@ -373,7 +371,7 @@ def check_postfix_level(config: Config, values: dict[str, str]) -> list[Finding]
                                        "smtp_dns_support_level = dnssec")]
     # RFC 8461 §2 wants DANE to win; this version's enforce answer replaces the level instead,
     # unless a table asked before the daemon answers for the destinations with TLSA records.
-    entries, ours = _policy_maps(config, values)
+    entries, ours = _policy_maps(listeners, values)
     if entries and ours and entries[0] != ours[0][0]:
         findings.append(ok("postfix", f"smtp_tls_policy_maps asks {entries[0]} before this daemon: destinations "
                                       "it lists keep their DANE level"))
@@ -385,13 +383,13 @@ def check_postfix_level(config: Config, values: dict[str, str]) -> list[Finding]
     return findings
 
 
-def check_postfix(config: Config, store: TrustStore, config_dir: str | None) -> list[Finding]:
+def check_postfix(listeners: Listeners, store: TrustStore, config_dir: str | None) -> list[Finding]:
     try:
         values = postconf(POSTFIX_PARAMETERS, config_dir)
     except PostconfError as exc:
         return [problem("postfix", str(exc))]
-    return [*check_postfix_map(config, values), *check_postfix_cas(values, store),
-            *check_postfix_level(config, values)]
+    return [*check_postfix_map(listeners, values), *check_postfix_cas(values, store),
+            *check_postfix_level(listeners, values)]
 
 
 # ----- Exim ----------------------------------------------------------------------------------
@@ -406,7 +404,7 @@ def find_exim() -> str | None:
     return next((found for found in map(program, EXIM_BINARIES) if found), None)
 
 
-def _asks_daemon(driver: eximconf.Driver, listeners: list[Address], where: str) -> list[Finding]:
+def _asks_daemon(driver: eximconf.Driver, listeners: tuple[Address, ...], where: str) -> list[Finding]:
     """Every ${readsocket} of the driver goes to an Exim listener of this daemon, and there is one."""
     if not driver.readsockets:
         return [problem("exim", f"{where} does not ask the daemon (no ${{readsocket}}): copy it from "
@@ -421,10 +419,10 @@ def _asks_daemon(driver: eximconf.Driver, listeners: list[Address], where: str) 
     return findings
 
 
-def check_exim_config(config: Config, path: str, text: str) -> list[Finding]:
-    """The router and transport of contrib/exim/exim.conf, in the right place, asking this daemon."""
+def check_exim_config(listeners: tuple[Address, ...], path: str, text: str) -> list[Finding]:
+    """The router and transport of contrib/exim/exim.conf, in the right place, asking this daemon
+    (one of its Exim `listeners`)."""
     parsed = eximconf.parse(text)
-    listeners = [parse_address(item) for item in config.exim.listen]
     findings = []
     router, transport = parsed.router(ROUTER), parsed.transport(TRANSPORT)
     if router is None:
@@ -476,57 +474,11 @@ def check_exim_parses(path: str, binary: str | None) -> list[Finding]:
     return [problem("exim", f"{binary} -C {path} -bV rejects it: {message}")]
 
 
-def check_exim(config: Config, path: str, binary: str | None) -> list[Finding]:
+def check_exim(listeners: tuple[Address, ...], path: str, binary: str | None) -> list[Finding]:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             text = handle.read()
     except OSError as exc:
         return [problem("exim", f"cannot read {path} ({_reason(exc)}): give the configuration Exim runs with "
                                 "as --exim-config FILE")]
-    return [*check_exim_config(config, path, text), *check_exim_parses(path, binary)]
-
-
-# ----- the command ---------------------------------------------------------------------------
-
-
-def run(args: argparse.Namespace, config: Config) -> int:
-    store = trust_store(config.fetch.ca_file)
-    findings = [*check_listeners(config), *check_trust_store(store), *check_resolver(config), *check_cache(config)]
-    if args.postfix_check or args.postconf_dir:
-        findings += check_postfix(config, store, args.postconf_dir)
-    if args.exim_check or args.exim_config:
-        findings += check_exim(config, args.exim_config or default_exim_config(), args.exim_binary or find_exim())
-    for finding in findings:
-        print(finding)
-    problems = sum(f.level == "problem" for f in findings)
-    warnings = sum(f.level == "warning" for f in findings)
-    print(f"doctor: {problems} problem{'s' * (problems != 1)}, {warnings} warning{'s' * (warnings != 1)}")
-    return 1 if problems else 0
-
-
-def register(sub: Any) -> None:
-    """Add `doctor` to the command line (cli.COMMANDS)."""
-    from mtasts_policyd.commands.main import (
-        add_common_options,  # here, not at the top: cli imports this module
-    )
-
-    parser = sub.add_parser(
-        "doctor", help="check the live setup (daemon, trust store, resolver, cache, Postfix, Exim)",
-        description="Check that the daemon of this configuration answers on its listeners, that the trust "
-                    "store has CAs, the resolver answers and the cache directory is writable; with --postfix "
-                    "and --exim, that the MTA is configured to ask it. Prints one line per check "
-                    "('ok', 'warning' or 'problem', saying what to change), then a summary.",
-        epilog="exit status: 0 no problem (warnings allowed), 1 problems, 2 usage error")
-    add_common_options(parser)
-    parser.add_argument("--postfix", dest="postfix_check", action="store_true",
-                        help="check Postfix's main.cf through postconf")
-    parser.add_argument("--postconf-dir", metavar="DIR",
-                        help="Postfix configuration directory (postconf -c DIR); implies --postfix")
-    parser.add_argument("--exim", dest="exim_check", action="store_true",
-                        help="check the Exim configuration")
-    parser.add_argument("--exim-config", metavar="FILE",
-                        help=f"Exim configuration file (default: {' or '.join(DEBIAN_EXIM_CONFIGS)}); "
-                             "implies --exim")
-    parser.add_argument("--exim-binary", metavar="PATH",
-                        help=f"Exim binary for 'exim -C FILE -bV' (default: {' or '.join(EXIM_BINARIES)})")
-    parser.set_defaults(handler=run)
+    return [*check_exim_config(listeners, path, text), *check_exim_parses(path, binary)]

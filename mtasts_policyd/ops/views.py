@@ -1,15 +1,19 @@
-"""Plain-data views of policies, failures and times, shared by `query`, `cache` and `warm`.
+"""Plain-data views of decisions, policies, failures and times, shared by `query`, `cache` and `warm`.
 
-One rendering per idea, so the same policy or failure reads the same in every command's output.
+One rendering per idea, so the same policy or failure reads the same in every command's output
+(JSON lines, or `text_lines` for people).
 """
 
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtasts_policyd.core.errors import Failure
 from mtasts_policyd.core.policy import Policy
+
+if TYPE_CHECKING:
+    from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
 
 
 def iso_time(value: float | None) -> str | None:
@@ -30,6 +34,41 @@ def failure_fields(failure: Failure | None) -> dict[str, Any] | None:
         return None
     return {"kind": failure.kind.value, "detail": failure.detail,
             "tlsrpt_result_type": failure.kind.tlsrpt_result_type}
+
+
+def decision_view(key: str, decision: Decision | None, answer: str, resolver: PolicyResolver) -> dict[str, Any]:
+    """Everything known about one looked-up key, as plain data (`query`'s output, README
+    "Command line"): the answer, the decision's reasons, the cached entry and the trust store."""
+    result: dict[str, Any] = {"key": key, "answer": answer}
+    if decision is None:
+        result["reason"] = "not-a-policy-domain"
+        return result
+    if decision.override is not None:
+        o = decision.override
+        result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.cache.value,
+                       "override": {"action": o.action, "reason": o.reason, "expires_at": iso_time(o.expires_at)}})
+        if decision.policy is not None:
+            result.update({"mode": decision.policy.mode.value, "mx": list(decision.policy.mx)})
+        return result
+    entry = resolver.cache.get(decision.domain)
+    policy = decision.policy
+    shown = policy or (entry.policy if entry else None)  # the usable policy, else the expired one
+    result.update({
+        "domain": decision.domain,
+        "reason": decision.reason,
+        "cache": decision.cache.value,
+        "txt_record": entry.txt_record if entry else None,
+        "policy_id": decision.policy_id,
+        **policy_fields(shown),
+        "fetched_at": iso_time(decision.fetched_at),
+        "expires_at": iso_time(decision.expires_at),
+        "usable": policy is not None,
+        "failure": failure_fields(decision.failure),
+        "retry_after": iso_time(entry.retry_after) if entry else None,
+        "warnings": list(shown.warnings) if shown else [],
+        "trust_store": resolver.trust.fields(),  # what verifies (or verified) the policy host
+    })
+    return result
 
 
 def printable(text: str) -> str:

@@ -41,7 +41,7 @@ from mtasts_policyd.runtime.daemon import (
 )
 from mtasts_policyd.store.cache import Entry
 
-log = logging.getLogger("mtasts_policyd.ops.warm")
+log = logging.getLogger("mtasts_policyd.warm")
 
 DAY = 86400.0
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from mtasts_policyd.core.errors import (
     DnsTemporaryFailure,
@@ -30,10 +31,9 @@ from mtasts_policyd.core.policy import Mode, Policy, parse_policy
 from mtasts_policyd.net.dns import Discovery, StsAnswer
 from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.net.trust import TrustStore
-from mtasts_policyd.ops.metrics import REGISTRY
 from mtasts_policyd.store.cache import Entry, PolicyCache
 
-log = logging.getLogger("mtasts_policyd.resolution.resolver")
+log = logging.getLogger("mtasts_policyd.resolution")
 
 
 class CacheState(enum.Enum):
@@ -42,6 +42,38 @@ class CacheState(enum.Enum):
     NEGATIVE = "negative"  # "no policy" from the cache (no or invalid TXT record, within its TTL)
     BACKOFF = "backoff"  # nothing usable; a recent failure means we do not ask again yet
     MISS = "miss"  # asked the network now
+
+
+class Outcome(enum.Enum):
+    """What a network resolution did (issue 8 contract; helper B's version replaces this one)."""
+
+    FETCHED = "fetched"
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    KEPT = "kept"
+    NO_POLICY = "no-policy"
+    FAILED = "failed"
+
+
+class ResolutionCounters(Protocol):
+    """What the resolver counts; handed in (ops/metrics.py implements it for Prometheus)."""
+
+    def fetched(self, result: str) -> None: ...  # "ok" or a FailureKind value
+
+    def resolved(self, outcome: Outcome) -> None: ...
+
+    def refresh_failed(self, kind: str) -> None: ...  # a FailureKind value
+
+
+class _NoCounts:
+    def fetched(self, result: str) -> None:
+        pass
+
+    def resolved(self, outcome: Outcome) -> None:
+        pass
+
+    def refresh_failed(self, kind: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -131,8 +163,10 @@ def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
 class PolicyResolver:
     def __init__(self, cache: PolicyCache, discovery: Discovery, fetcher: PolicyFetcher,
                  settings: ResolverSettings = ResolverSettings(),
-                 clock: Callable[[], float] = time.time, overrides: dict[str, Override] | None = None) -> None:
+                 clock: Callable[[], float] = time.time, overrides: dict[str, Override] | None = None,
+                 counters: ResolutionCounters | None = None) -> None:
         self.cache = cache
+        self.counters: ResolutionCounters = counters if counters is not None else _NoCounts()
         self._discovery = discovery
         self._fetcher = fetcher
         self.settings = settings
@@ -212,7 +246,7 @@ class PolicyResolver:
         entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now, refetch, txt)
         entry = self._commit(self._refresh_mx(entry, now))
         decision = decision_from(entry, now, CacheState.MISS)
-        REGISTRY.refreshed(outcome)
+        self.counters.resolved(Outcome(outcome.split(" ", 1)[0]))  # "changed from id=..." -> changed
         detail = f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else ""
         log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", domain, outcome, decision.reason,
                  entry.policy_id or "-", detail)
@@ -260,9 +294,9 @@ class PolicyResolver:
             body = self._fetcher.fetch(entry.domain)
             policy = parse_policy(body)
         except MtaStsError as exc:
-            REGISTRY.fetched(exc.kind.value)
+            self.counters.fetched(exc.kind.value)
             return self._failed(entry, exc, now, s.backoff_min), "failed"
-        REGISTRY.fetched("ok")
+        self.counters.fetched("ok")
         fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body,
                       policy=policy, fetched_at=now, txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup,
                       mx_hosts=entry.mx_hosts, version=entry.version)  # mx_expires_at 0: look at MX again
@@ -295,7 +329,7 @@ class PolicyResolver:
         failures = entry.failures + 1
         delay = min(base * 2 ** min(failures - 1, 16), self.settings.backoff_max)
         usable = entry.usable_policy(now)
-        REGISTRY.refresh_failed(exc.kind.value)
+        self.counters.refresh_failed(exc.kind.value)
         log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s", entry.domain,
                     exc.kind.value, delay, usable.mode.value if usable else "nothing", exc.detail)
         return replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)

@@ -24,28 +24,14 @@ import time
 
 from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
 from mtasts_policyd.net.dns import StsAnswer
-from mtasts_policyd.ops.metrics import REGISTRY
 from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver
 from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
 from mtasts_policyd.store.cache import PruneSettings
 
-log = logging.getLogger("mtasts_policyd.resolution.service")
+log = logging.getLogger("mtasts_policyd.service")
 
 LOOKUP_TIMES_FLUSH = 30.0  # seconds between batched writes of lookup times
 PRUNE_POLL = 5.0  # seconds between looks at how many rows were added since the last prune
-
-
-def describe(decision: Decision) -> str:
-    """The grep-able part of a decision log line, the same for every front end."""
-    failure = f" failure={decision.failure}" if decision.failure and decision.policy is None else ""
-    override = f" override_reason={decision.override.reason!r}" if decision.override else ""
-    return f"domain={decision.domain} cache={decision.cache.value} reason={decision.reason}{failure}{override}"
-
-
-# Answers from the cache with no network and nothing an operator must see: logged at debug, as a
-# line per cached lookup would cost more than the lookup. Misses, refreshes, failures (back-off
-# included) and overrides stay at info (README "Logs"). A tuple: `in` compares by identity first.
-QUIET_STATES = (CacheState.HIT, CacheState.NEGATIVE)
 
 
 class ServiceStopping(Exception):
@@ -72,7 +58,7 @@ class PolicyService:
         self._pending: dict[str, Resolution] = {}
         self._seen: dict[str, float] = {}
         self.stopping = False
-        self.dropped = REGISTRY.resolutions_dropped  # reason -> count (event loop thread only)
+        self.dropped: dict[str, int] = {}  # reason -> resolutions not seen through (event loop thread only)
         self.prune_settings = PruneSettings()  # cache.* keys; replaced on reload
         self.prune_interval = 600.0
 

@@ -28,7 +28,7 @@ from mtasts_policyd.core.overrides import Override, OverrideError, make_override
 from mtasts_policyd.frontends.listeners import parse_address, parse_owner
 from mtasts_policyd.net.dns import DnsSettings
 from mtasts_policyd.net.https import FetchSettings
-from mtasts_policyd.ops.metrics import parse_metrics_address
+from mtasts_policyd.ops.status_http import parse_metrics_address
 from mtasts_policyd.resolution.resolver import ResolverSettings
 
 

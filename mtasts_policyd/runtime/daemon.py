@@ -7,23 +7,25 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from mtasts_policyd.frontends.exim import EximFrontEnd, EximProtocol, EximSettings
+from mtasts_policyd.frontends import exim, socketmap
+from mtasts_policyd.frontends.base import FrontEnd, ListenerSection, RunningFrontEnd
 from mtasts_policyd.frontends.listeners import (
     SocketPermissions,
     open_listener,
     parse_address,
 )
-from mtasts_policyd.frontends.socketmap import (
-    SocketmapFrontEnd,
-    SocketmapProtocol,
-    SocketmapSettings,
-)
 from mtasts_policyd.net.dns import Discovery
 from mtasts_policyd.net.https import PolicyFetcher
-from mtasts_policyd.ops.metrics import MetricsServer, parse_metrics_address
-from mtasts_policyd.resolution.resolver import PolicyResolver, merge
+from mtasts_policyd.ops.metrics import Metrics
+from mtasts_policyd.ops.status_http import MetricsServer, parse_metrics_address
+from mtasts_policyd.resolution.resolver import (
+    PolicyResolver,
+    ResolutionCounters,
+    merge,
+)
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.runtime import sdnotify
@@ -32,6 +34,13 @@ from mtasts_policyd.runtime.signals import early_hup
 from mtasts_policyd.store.cache import PolicyCache, PruneSettings, default_cache_path
 
 log = logging.getLogger("mtasts_policyd")
+
+# The front ends the daemon serves (frontends/base.py): each opens the listeners of its
+# configuration section, and its name labels its metrics. A new front end is one line here.
+FRONT_ENDS: tuple[FrontEnd[Any], ...] = (socketmap.FRONT_END, exim.FRONT_END)
+
+# A front end as it runs: its description, and the object its connections share.
+Served = Sequence[tuple[FrontEnd[Any], RunningFrontEnd[Any]]]
 
 
 class CacheMissing(Exception):
@@ -55,23 +64,19 @@ def require_cache(config: Config) -> str:
     return path
 
 
-def build_resolver(config: Config, *, memory_only: bool = False) -> PolicyResolver:
-    """The resolver on the configured cache file, or (memory_only) on an empty cache in memory."""
+def build_resolver(config: Config, *, memory_only: bool = False,
+                   counters: ResolutionCounters | None = None) -> PolicyResolver:
+    """The resolver on the configured cache file, or (memory_only) on an empty cache in memory;
+    `counters`: where it counts fetches and outcomes (the daemon's metrics; None counts nothing)."""
     discovery = Discovery(config.dns)
     cache = PolicyCache(None if memory_only else cache_path(config), config.cache.memory_entries)
     return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver,
-                          overrides=override_table(config))
+                          overrides=override_table(config), counters=counters)
 
 
-def socketmap_settings(config: Config) -> SocketmapSettings:
-    c = config.socketmap
-    return SocketmapSettings(maps=c.maps, max_request=c.max_request, idle_timeout=c.idle_timeout,
-                             max_connections=c.max_connections, frame_timeout=c.frame_timeout)
-
-
-def exim_settings(config: Config) -> EximSettings:
-    c = config.exim
-    return EximSettings(max_request=c.max_request, read_timeout=c.read_timeout, max_connections=c.max_connections)
+def listener_section(config: Config, front_end: FrontEnd[Any]) -> ListenerSection:
+    section: ListenerSection = front_end.section_of(config)
+    return section
 
 
 def prune_settings(config: Config) -> PruneSettings:
@@ -92,33 +97,31 @@ def raise_open_files_limit(config: Config) -> None:
             soft = hard
         except (ValueError, OSError):
             pass
-    budget = (config.socketmap.max_connections * len(config.socketmap.listen)
-              + config.exim.max_connections * len(config.exim.listen)
+    sections = [listener_section(config, front_end) for front_end in FRONT_ENDS]
+    budget = (sum(section.max_connections * len(section.listen) for section in sections)
               + config.metrics.max_connections + config.resolver.max_pending + 2 * config.workers + 64)
     if soft != resource.RLIM_INFINITY and budget > soft:
         log.warning("open files limit %d is below what the configured bounds may use (%d: connections, "
                     "resolver.max_pending, workers); raise LimitNOFILE or lower them", soft, budget)
 
 
-def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: SocketmapFrontEnd,
-                 exim: EximFrontEnd, *, metrics: MetricsServer | None = None,
-                 service: PolicyService | None = None) -> None:
+def apply_reload(config: Config, new: Config, resolver: PolicyResolver, served: Served, *,
+                 metrics: MetricsServer | None = None, service: PolicyService | None = None) -> None:
     """SIGHUP: take what can change without closing a connection; say what needs a restart.
 
     All or nothing: everything is built first (ValueError leaves the daemon untouched), then
     assigned, which cannot fail.
     """
     overrides = override_table(new)
-    settings = socketmap_settings(new)
-    new_exim_settings = exim_settings(new)
+    front_ends = [front_end.reload(running, new) for front_end, running in served]
     pruning = prune_settings(new)
     level = logging.getLevelName(new.log_level.upper())
     if not isinstance(level, int):
         raise ValueError(f"log_level: unknown level {new.log_level!r}")
     resolver.overrides = overrides
     resolver.settings = new.resolver
-    front.settings = settings
-    exim.settings = new_exim_settings
+    for apply in front_ends:
+        apply()
     if metrics is not None:
         metrics.max_connections = new.metrics.max_connections
     if service is not None:
@@ -127,10 +130,10 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, front: S
     fixed = [name for name in ("dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
     fixed += [f"cache.{name}" for name in ("path", "memory_entries")
               if getattr(config.cache, name) != getattr(new.cache, name)]
-    fixed += [f"{name}.listen" for name in ("socketmap", "exim", "metrics")
+    fixed += [f"{name}.listen" for name in (*(front_end.section for front_end, _ in served), "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]
-    log.info("reloaded configuration: overrides=%d maps=%s%s", len(resolver.overrides),
-             ",".join(sorted(front.settings.maps)),
+    summaries = "".join(f" {summary}" for _, running in served if (summary := running.summary()))
+    log.info("reloaded configuration: overrides=%d%s%s", len(resolver.overrides), summaries,
              f"; changes to {', '.join(fixed)} take effect after a restart" if fixed else "")
 
 
@@ -162,30 +165,31 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     if early_hup():  # arrived before the event loop (signals.catch_early_hup)
         hup.set()
     raise_open_files_limit(config)
-    resolver = build_resolver(config)
+    registry = Metrics(front_end.name for front_end in FRONT_ENDS)  # counters handed to what counts
+    resolver = build_resolver(config, counters=registry)
     service = PolicyService(resolver, workers=config.workers)
     service.prune_settings, service.prune_interval = prune_settings(config), config.cache.prune_interval
-    front = SocketmapFrontEnd(service, socketmap_settings(config))
-    exim = EximFrontEnd(service, exim_settings(config))
+    served = [(front_end, front_end.start(service, config, registry.frontend(front_end.name)))
+              for front_end in FRONT_ENDS]
     servers = []
-    for kind, listen, owner, mode, factory in (
-            ("socketmap", config.socketmap.listen, config.socketmap.socket_owner, config.socketmap.socket_mode,
-             lambda: SocketmapProtocol(front)),
-            ("exim", config.exim.listen, config.exim.socket_owner, config.exim.socket_mode,
-             lambda: EximProtocol(exim))):
-        for text in listen:
+    for front_end, running in served:
+        section = listener_section(config, front_end)
+        permissions = SocketPermissions(section.socket_owner, int(section.socket_mode, 8))
+        for text in section.listen:
             address = parse_address(text)
-            servers.append(await open_listener(factory, address, SocketPermissions(owner, int(mode, 8))))
-            log.info("listening %s=%s", kind, address)
-    metrics = MetricsServer(resolver.cache, connections=lambda: front.connections,
-                            max_connections=config.metrics.max_connections,
-                            listeners={"socketmap": front.slots, "exim": exim.slots}, pending=lambda: service.pending)
+            servers.append(await open_listener(running.protocol, address, permissions))
+            log.info("listening %s=%s", front_end.name, address)
+    metrics = MetricsServer(resolver.cache, registry, max_connections=config.metrics.max_connections,
+                            listeners={front_end.name: running.slots for front_end, running in served},
+                            pending=lambda: service.pending, dropped=lambda: service.dropped)
     metrics_listener = None
     if config.metrics.listen:  # opt-in: no HTTP listener unless configured
         address = parse_metrics_address(config.metrics.listen)
         metrics_listener = await open_listener(metrics.protocol, address)
         log.info("listening metrics=%s", address)
-    log.info("socketmap names: %s", ", ".join(sorted(front.settings.maps)))
+    for front_end, running in served:
+        if summary := running.summary():
+            log.info("%s %s", front_end.name, summary)
     log.info("cache path=%s persistent=%s", resolver.cache.path, resolver.cache.persistent)
     log.info("trust store=%s", resolver.trust)
     for note in resolver.trust.notes:
@@ -199,7 +203,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             sdnotify.reloading()
             try:
                 new = reload() if reload is not None else config
-                apply_reload(config, new, resolver, front, exim, metrics=metrics, service=service)
+                apply_reload(config, new, resolver, served, metrics=metrics, service=service)
                 config = new
             except ValueError as exc:  # ConfigError included: nothing was applied
                 log.error("reload failed, keeping the running configuration: %s", exc)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-log = logging.getLogger("mtasts_policyd.runtime.sdnotify")
+log = logging.getLogger("mtasts_policyd.sdnotify")
 
 
 def notify(*assignments: str) -> bool:

@@ -27,7 +27,7 @@ import cachetools
 from mtasts_policyd.core.errors import Failure, FailureKind, InvalidPolicy
 from mtasts_policyd.core.policy import Policy, parse_policy
 
-log = logging.getLogger("mtasts_policyd.store.cache")
+log = logging.getLogger("mtasts_policyd.cache")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS policies (

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from mtasts_policyd.net.trust import directory_certificates, file_certificates
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 from tests.e2e.exim_mta import CONFIG as CONTRIB_EXIM_CONF
 from tests.e2e.exim_mta import EXIM
 from tests.e2e.postfix_mta import PostfixInstance
@@ -26,8 +25,8 @@ MACHINE_STORE = "openssl-default cafile=/etc/ssl/certs/ca-certificates.crt capat
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtasts_policyd", *args], cwd=ROOT, env=operator_environment(),
-                          capture_output=True, text=True, timeout=120)
+    """The command as the operator runs it (their environment, not the test run's)."""
+    return run_cli(*args, env=operator_environment(), timeout=120)
 
 
 def machine_cas() -> int:
