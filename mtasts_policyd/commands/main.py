@@ -14,8 +14,13 @@ from typing import Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.answers.postfix import tls_policy
+from mtasts_policyd.commands import cache as cache_command
+from mtasts_policyd.commands.common import (  # concurrency: warm and survey still import it from here
+    add_common_options,
+    concurrency,  # noqa: F401
+)
 from mtasts_policyd.core.names import clean_key
-from mtasts_policyd.ops import cachetool, doctor, survey, warm
+from mtasts_policyd.ops import doctor, survey, warm
 from mtasts_policyd.ops.views import (
     failure_fields,
     iso_time,
@@ -25,7 +30,7 @@ from mtasts_policyd.ops.views import (
 )
 from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
 from mtasts_policyd.runtime import signals
-from mtasts_policyd.runtime.config import LOG_LEVELS, Config, checked, load
+from mtasts_policyd.runtime.config import Config, checked, load
 from mtasts_policyd.runtime.daemon import (
     CacheMissing,
     build_resolver,
@@ -53,25 +58,6 @@ postfix main.cf:
 exim (see contrib/exim/exim.conf; no fail string: mail defers while the daemon is unreachable):
   ${readsocket{inet:127.0.0.1:8462}{policy $domain\\n}{5s:cache=yes}{}}
 """
-
-
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """--config, --cache, --log-level: every subcommand shares them, so cron and daemon share a cache."""
-    parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none, embedded defaults)")
-    parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        help="log verbosity (overrides log_level; default info)")
-
-
-def concurrency(text: str) -> int:
-    """argparse type for --concurrency: a whole number from 1 to 256."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 256: {text!r}")
-    return value
 
 
 def _register_serve(sub: Any) -> None:
@@ -107,7 +93,7 @@ def _register_query(sub: Any) -> None:
 
 # Each subcommand module contributes one register(subparsers) function; the parser it adds sets
 # `handler(args, config) -> exit code`.
-COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cachetool.register,
+COMMANDS: list[Callable[[Any], None]] = [_register_serve, _register_query, survey.register, cache_command.register,
                                          warm.register, doctor.register]
 
 

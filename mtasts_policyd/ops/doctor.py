@@ -35,7 +35,7 @@ from mtasts_policyd.net.trust import (
 )
 from mtasts_policyd.ops import eximconf
 from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.store.cache import default_cache_path
+from mtasts_policyd.store.sqlite import default_cache_path
 
 PROBE_KEY = ".mtasts-policyd-doctor.invalid"  # parent-domain form: NOTFOUND / none, no lookup
 PROBE_TIMEOUT = 5.0

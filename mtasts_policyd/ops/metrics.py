@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import platform
-import sqlite3
 import threading
 import time
 from bisect import bisect_left
@@ -33,7 +32,6 @@ from mtasts_policyd import __version__
 from mtasts_policyd.core.errors import FailureKind
 from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
 from mtasts_policyd.resolution.workers import in_thread
-from mtasts_policyd.store.cache import connect_readonly
 
 if TYPE_CHECKING:
     from mtasts_policyd.resolution.resolver import Decision
@@ -50,7 +48,6 @@ REFRESH_OUTCOMES = ("fetched", "changed", "unchanged", "kept", "no-policy", "fai
 MAX_HTTP_REQUEST = 8192  # bytes of request line and headers
 HTTP_READ_TIMEOUT = 5.0  # seconds to send them
 DROP_REASONS = ("busy", "timeout", "abandoned", "stopping")  # service.py: resolutions not seen through
-COUNT_TIME_LIMIT = 1.0  # seconds a scrape may spend counting the SQLite cache's rows
 
 
 class FrontEndMetrics:
@@ -210,34 +207,6 @@ def parse_metrics_address(text: str) -> Address:
     return parse_address(text)
 
 
-def count_rows(path: str, limit: float = COUNT_TIME_LIMIT) -> int | None:
-    """COUNT(*) of the cache table on a separate read-only connection, interrupted after `limit` seconds.
-
-    Its own connection, so the daemon's (and its lock, which cached lookups take) is never held.
-    """
-    try:
-        db = connect_readonly(path, limit)
-    except sqlite3.Error:
-        return None
-
-    def interrupt() -> None:
-        try:
-            db.interrupt()  # thread-safe; also stops COUNT(*)'s single b-tree walk
-        except sqlite3.Error:
-            pass
-
-    timer = threading.Timer(limit, interrupt)
-    timer.start()
-    try:
-        return int(db.execute("SELECT COUNT(*) FROM policies").fetchone()[0])
-    except sqlite3.Error as exc:
-        log.debug("metrics: counting cache rows failed: %s", exc)
-        return None
-    finally:
-        timer.cancel()
-        db.close()
-
-
 class MetricsServer:
     """What the HTTP listener serves: /metrics from the registry plus gauges computed on scrape, and /health."""
 
@@ -272,9 +241,8 @@ class MetricsServer:
         return (503 if self.stopping else 200), body
 
     async def metrics(self) -> str:
-        rows = None
-        if self.cache.persistent and self.cache.path is not None:
-            rows = await in_thread(count_rows, self.cache.path)  # bounded by its own time limit
+        stats = await in_thread(self.cache.stats)  # counting is bounded by the store's own time limit
+        rows = stats.rows if stats.persistent else None  # the "disk" entries: none in memory only
         memory = self.cache.memory_size
         entries: list[tuple[dict[str, str], float]] = [({"store": "memory"}, memory)]
         if rows is not None:
