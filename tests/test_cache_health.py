@@ -9,10 +9,12 @@ from the test through /proc/PID/root (SQLite, which resolves that link, only thr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -23,8 +25,9 @@ from pathlib import Path
 import pytest
 
 from mtasts_policyd.core.policy import parse_policy
-from mtasts_policyd.resolution.resolver import merge
-from mtasts_policyd.store.cache import Entry, PolicyCache
+from mtasts_policyd.store import sqlite as sqlite_store
+from mtasts_policyd.store.cache import PolicyCache
+from mtasts_policyd.store.entry import Entry, merge
 from tests.bodies import ENFORCE
 from tests.conftest import SocketmapClient, free_port, secure, stored_entry
 from tests.test_metrics import get, scrape, value
@@ -317,14 +320,27 @@ def _enforce(domain: str, fetched_at: float, policy_id: str = "1") -> Entry:
     return Entry(domain, policy_id=policy_id, policy_body=body, policy=parse_policy(body), fetched_at=fetched_at)
 
 
-def _refuse_writes(cache: PolicyCache) -> None:
-    cache._db.execute("PRAGMA query_only = ON")  # SQLite refuses writes as on a read-only file
+def refusing_cache(path: str, *, strict: bool = False) -> PolicyCache:
+    """A cache whose first connection to the file refuses writes, as on a read-only file (SQLite
+    answers them "not authorized"); the connection maintain() opens instead takes them."""
+    opened = 0
+
+    def connect(path: str) -> sqlite3.Connection:
+        nonlocal opened
+        opened += 1
+        db = sqlite_store.connect(path)
+        if opened == 1:
+            db.set_authorizer(lambda action, table, *_: sqlite3.SQLITE_DENY if action in (
+                sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE) and table in (
+                "policies", "probe") else sqlite3.SQLITE_OK)
+        return db
+
+    return PolicyCache(store=sqlite_store.SqliteStore(path, strict=strict, connect=connect))
 
 
 def test_refused_write_is_kept_and_written_when_the_disk_takes_it(tmp_path):
     path = str(tmp_path / "c.sqlite3")
-    cache = PolicyCache(path)
-    _refuse_writes(cache)
+    cache = refusing_cache(path)
     kept = cache.put(_enforce("a.test", 1000.0))
     assert kept is not None and kept.version == 0  # the version the disk has (none)
     assert not cache.persistent and cache.unsaved == 1 and cache.get("a.test") == kept
@@ -337,8 +353,7 @@ def test_refused_write_is_kept_and_written_when_the_disk_takes_it(tmp_path):
 
 def test_first_check_finds_a_file_that_refuses_writes_before_any_write(tmp_path):
     # The check's probe write tells the truth even when the daemon has nothing to write.
-    cache = PolicyCache(str(tmp_path / "c.sqlite3"))
-    _refuse_writes(cache)
+    cache = refusing_cache(str(tmp_path / "c.sqlite3"))
     assert cache.persistent  # nothing has been written yet
     cache.maintain(merge)
     assert not cache.persistent and cache.unsaved == 0
@@ -350,8 +365,7 @@ def test_first_check_finds_a_file_that_refuses_writes_before_any_write(tmp_path)
 def test_unsaved_entry_does_not_replace_a_newer_fetch_by_another_process(tmp_path, open_cache):
     # While our write was refused, the warmer stored a later fetch: the retry merges like any write.
     path = str(tmp_path / "c.sqlite3")
-    cache, warmer = open_cache(path), open_cache(path)
-    _refuse_writes(cache)
+    cache, warmer = refusing_cache(path), open_cache(path)
     cache.put(_enforce("a.test", 1000.0, "old"))
     warmer.put(_enforce("a.test", 2000.0, "new"))
     cache.maintain(merge)
@@ -378,7 +392,8 @@ def test_corrupt_file_is_set_aside_and_recreated(tmp_path):
     path = tmp_path / "c.sqlite3"
     cache = PolicyCache(str(path))
     cache.put(_enforce("a.test", 1000.0))
-    cache._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with contextlib.closing(sqlite3.connect(path)) as other:  # the WAL into the file, by another connection
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     with open(path, "r+b") as handle:
         handle.write(b"\xff" * 100)  # the header: "file is not a database"
     cache.maintain(merge)
@@ -389,8 +404,7 @@ def test_corrupt_file_is_set_aside_and_recreated(tmp_path):
 
 
 def test_close_with_unsaved_entries_says_they_are_lost(tmp_path, caplog):
-    cache = PolicyCache(str(tmp_path / "c.sqlite3"))
-    _refuse_writes(cache)
+    cache = refusing_cache(str(tmp_path / "c.sqlite3"))
     cache.put(_enforce("a.test", 1000.0))
     cache.close()
     assert "closing with 1 entries the disk did not take" in caplog.text

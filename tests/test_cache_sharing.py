@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from mtasts_policyd.core.policy import Mode
-from mtasts_policyd.store.cache import Entry
+from mtasts_policyd.store.entry import Entry
 from tests.bodies import TESTING_ONE_MX
 from tests.conftest import stored_entry
+from tests.test_cache_health import refusing_cache
 
 
 def test_stale_writer_does_not_overwrite_newer_policy(rig, make_resolver, clock, tmp_path):
@@ -64,17 +65,17 @@ def test_batched_lookup_time_is_never_moved_back(tmp_path, open_cache):
 
 def test_write_failures_raise_only_in_strict_mode(tmp_path, open_cache):
     # The daemon survives a disk that refuses writes (memory answers on); `cache import` and
-    # `cache forget` must report it. query_only makes SQLite refuse writes like a read-only disk.
+    # `cache forget` must report it. refusing_cache makes SQLite refuse writes like a read-only disk.
     import pytest
 
-    from mtasts_policyd.store.cache import CacheWriteError
+    from mtasts_policyd.store.base import CacheWriteError
 
-    lenient = open_cache(tmp_path / "a.sqlite3")
-    lenient._db.execute("PRAGMA query_only = ON")
+    lenient = refusing_cache(str(tmp_path / "a.sqlite3"))
     assert lenient.put(Entry("x.test")) is not None and lenient.get("x.test") is not None
-    strict = open_cache(tmp_path / "b.sqlite3", strict=True)
-    strict._db.execute("PRAGMA query_only = ON")
+    strict = refusing_cache(str(tmp_path / "b.sqlite3"), strict=True)
     with pytest.raises(CacheWriteError, match="cannot write x.test"):
         strict.put(Entry("x.test"))
     with pytest.raises(CacheWriteError, match="cannot delete x.test"):
         strict.delete("x.test")
+    lenient.close()
+    strict.close()

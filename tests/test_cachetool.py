@@ -14,8 +14,9 @@ import pytest
 
 from mtasts_policyd.core.errors import Failure, FailureKind
 from mtasts_policyd.core.policy import parse_policy
-from mtasts_policyd.ops.cachetool import entry_from_record
-from mtasts_policyd.store.cache import Entry, PolicyCache
+from mtasts_policyd.store.cache import PolicyCache
+from mtasts_policyd.store.codec import entry_from_record
+from mtasts_policyd.store.entry import Entry
 from tests.bodies import ENFORCE_ONE_MX, NONE, TESTING_TWO_WARNINGS
 from tests.conftest import SocketmapClient, write_config
 from tests.conftest import run_cli as run

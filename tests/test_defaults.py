@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mtasts_policyd.store.cache import default_cache_path
+from mtasts_policyd.store.sqlite import default_cache_path
 from tests.conftest import ROOT
 
 SCRIPT = r"""

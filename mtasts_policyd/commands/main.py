@@ -10,13 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mtasts_policyd import __version__
-from mtasts_policyd.commands import doctor, query, serve
+from mtasts_policyd.commands import cache, doctor, query, serve
 from mtasts_policyd.commands.common import (  # noqa: F401 (add_common_options, concurrency: for ops' CLI parts)
     add_common_options,
     concurrency,
     configure,
 )
-from mtasts_policyd.ops import cachetool, survey, warm
+from mtasts_policyd.ops import survey, warm
 from mtasts_policyd.runtime import signals
 
 DESCRIPTION = """\
@@ -43,7 +43,7 @@ exim (see contrib/exim/exim.conf; no fail string: mail defers while the daemon i
 
 # Each subcommand module contributes one register(subparsers) function; the parser it adds sets
 # `handler(args, config) -> exit code`.
-COMMANDS: list[Callable[[Any], None]] = [serve.register, query.register, survey.register, cachetool.register,
+COMMANDS: list[Callable[[Any], None]] = [serve.register, query.register, survey.register, cache.register,
                                          warm.register, doctor.register]
 
 

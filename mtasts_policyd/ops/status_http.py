@@ -10,18 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mtasts_policyd import __version__
 from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
 from mtasts_policyd.ops.metrics import Family, Metrics, Sample
 from mtasts_policyd.resolution.workers import in_thread
-from mtasts_policyd.store.cache import connect_readonly
 
 if TYPE_CHECKING:
     from mtasts_policyd.store.cache import PolicyCache
@@ -30,7 +26,6 @@ log = logging.getLogger("mtasts_policyd.metrics")
 
 MAX_HTTP_REQUEST = 8192  # bytes of request line and headers
 HTTP_READ_TIMEOUT = 5.0  # seconds to send them
-COUNT_TIME_LIMIT = 1.0  # seconds a scrape may spend counting the SQLite cache's rows
 
 
 def parse_metrics_address(text: str) -> Address:
@@ -40,53 +35,6 @@ def parse_metrics_address(text: str) -> Address:
     if port.isdigit():
         text = f"127.0.0.1:{port}"
     return parse_address(text)
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """The cache figures /health and /metrics show (the fields of the store's StoreStats)."""
-
-    rows: int | None  # rows of the SQLite file; None: not counted, not persistent, or not in time
-    persistent: bool
-    path: str | None
-    unsaved: int
-
-
-def cache_stats(cache: PolicyCache, count: bool = False) -> CacheStats:
-    """The cache's figures; `count`: count the file's rows too (blocking, bounded by
-    COUNT_TIME_LIMIT: call it in a thread). The one place that reads them, to become
-    `cache.stats()` once the store provides it (issue 8)."""
-    persistent, path = cache.persistent, cache.path
-    rows = count_rows(path) if count and persistent and path is not None else None
-    return CacheStats(rows, persistent, path, cache.unsaved)
-
-
-def count_rows(path: str, limit: float = COUNT_TIME_LIMIT) -> int | None:
-    """COUNT(*) of the cache table on a separate read-only connection, interrupted after `limit` seconds.
-
-    Its own connection, so the daemon's (and its lock, which cached lookups take) is never held.
-    """
-    try:
-        db = connect_readonly(path, limit)
-    except sqlite3.Error:
-        return None
-
-    def interrupt() -> None:
-        try:
-            db.interrupt()  # thread-safe; also stops COUNT(*)'s single b-tree walk
-        except sqlite3.Error:
-            pass
-
-    timer = threading.Timer(limit, interrupt)
-    timer.start()
-    try:
-        return int(db.execute("SELECT COUNT(*) FROM policies").fetchone()[0])
-    except sqlite3.Error as exc:
-        log.debug("metrics: counting cache rows failed: %s", exc)
-        return None
-    finally:
-        timer.cancel()
-        db.close()
 
 
 class MetricsServer:
@@ -116,7 +64,7 @@ class MetricsServer:
         entries wait in memory for the disk) but still 200: the daemon answers correctly from
         memory and writes them when the disk is back; a restart would lose them.
         """
-        stats = cache_stats(self.cache)
+        stats = self.cache.stats(count_rows=False)
         status = "stopping" if self.stopping else "ok" if stats.persistent else "degraded"
         body = {"status": status, "version": __version__,
                 "uptime_seconds": round(time.time() - self.registry.started, 3),
@@ -124,9 +72,9 @@ class MetricsServer:
         return (503 if self.stopping else 200), body
 
     async def metrics(self) -> str:
-        stats = await in_thread(cache_stats, self.cache, True)  # bounded by the count's own time limit
+        stats = await in_thread(self.cache.stats)  # counting is bounded by the store's own time limit
         entries: list[Sample] = [({"store": "memory"}, self.cache.memory_size)]
-        if stats.rows is not None:
+        if stats.persistent and stats.rows is not None:  # the "disk" sample: none in memory only
             entries.append(({"store": "disk"}, stats.rows))
         gauges: list[Family] = [
             ("mtasts_cache_entries", "gauge",

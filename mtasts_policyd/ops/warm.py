@@ -39,7 +39,7 @@ from mtasts_policyd.runtime.daemon import (
     prune_settings,
     require_cache,
 )
-from mtasts_policyd.store.cache import Entry
+from mtasts_policyd.store.entry import Entry
 
 log = logging.getLogger("mtasts_policyd.warm")
 

@@ -31,7 +31,8 @@ from mtasts_policyd.core.policy import Mode, Policy, parse_policy
 from mtasts_policyd.net.dns import Discovery, StsAnswer
 from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.net.trust import TrustStore
-from mtasts_policyd.store.cache import Entry, PolicyCache
+from mtasts_policyd.store.cache import PolicyCache
+from mtasts_policyd.store.entry import Entry, merge
 
 log = logging.getLogger("mtasts_policyd.resolution")
 
@@ -133,19 +134,6 @@ def _clamp(value: int | None, low: int, high: int) -> int:
     return max(low, min(high, value if value is not None else low))
 
 
-def merge(current: Entry | None, ours: Entry) -> Entry:
-    """Our result, rebased on what another writer stored since we read the entry.
-
-    The newer policy fetch wins whole (a failure or a stale read must never replace a policy that
-    another process fetched later); otherwise ours wins, as the later observation.
-    """
-    if current is None:
-        return replace(ours, version=0)
-    if (current.fetched_at or 0.0) > (ours.fetched_at or 0.0):
-        return replace(current, last_lookup=max(current.last_lookup, ours.last_lookup))
-    return replace(ours, version=current.version)
-
-
 def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
     """The decision at `now`; a MISS is the resolution that just ran, which applies what it fetched."""
     return Decision(
@@ -181,16 +169,6 @@ class PolicyResolver:
         """The CAs the policy hosts are verified against (shown by the start-up log and `query`)."""
         return self._fetcher.trust
 
-    def _refetch_due(self, entry: Entry, now: float) -> bool:
-        """RFC 8461 §10.2: fetch again at least daily (and within half of a short max_age)."""
-        if entry.fetched_at is None or entry.policy is None:
-            return True
-        return now >= entry.fetched_at + min(self.settings.refresh_after, entry.policy.max_age / 2)
-
-    def _refresh_due(self, entry: Entry, now: float) -> bool:
-        return now >= entry.txt_expires_at or self._refetch_due(entry, now) or (
-            entry.policy is not None and entry.policy.has_wildcards and now >= entry.mx_expires_at)
-
     def _overridden(self, domain: str, now: float) -> Decision | None:
         override = self.overrides.get(domain)
         if override is None or not override.active(now):
@@ -208,7 +186,7 @@ class PolicyResolver:
         if entry is None:
             return None, False
         if entry.usable_policy(now) is not None:
-            due = now >= entry.retry_after and self._refresh_due(entry, now)
+            due = now >= entry.retry_after and entry.refresh_due(now, self.settings.refresh_after)
             return self._decision(entry, now, CacheState.HIT), due
         if now < entry.negative_until:
             return self._decision(entry, now, CacheState.NEGATIVE), False
@@ -288,7 +266,7 @@ class PolicyResolver:
             return self._failed(entry, exc, now, s.dns_backoff_min), "failed"
         txt_expires_at = now + _clamp(answer.ttl, s.txt_ttl_min, s.txt_ttl_max)
         if usable is not None and answer.record.id == entry.policy_id and not refetch \
-                and not self._refetch_due(entry, now):
+                and not entry.refetch_due(now, s.refresh_after):
             return replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0, retry_after=0.0), "unchanged"
         try:
             body = self._fetcher.fetch(entry.domain)

@@ -26,7 +26,7 @@ from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
 from mtasts_policyd.net.dns import StsAnswer
 from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver
 from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
-from mtasts_policyd.store.cache import PruneSettings
+from mtasts_policyd.store.base import PruneSettings
 
 log = logging.getLogger("mtasts_policyd.service")
 

@@ -31,7 +31,9 @@ from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.runtime import sdnotify
 from mtasts_policyd.runtime.config import Config, override_table
 from mtasts_policyd.runtime.signals import early_hup
-from mtasts_policyd.store.cache import PolicyCache, PruneSettings, default_cache_path
+from mtasts_policyd.store.base import PruneSettings
+from mtasts_policyd.store.cache import PolicyCache
+from mtasts_policyd.store.sqlite import default_cache_path
 
 log = logging.getLogger("mtasts_policyd")
 
