@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from mtasts_policyd import sdnotify
+from mtasts_policyd.runtime import sdnotify
 from tests.conftest import ROOT, SocketmapClient, ask_unix, free_port, secure
 
 
