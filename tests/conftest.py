@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtasts_policyd.net.dns import Discovery, DnsSettings
+from mtasts_policyd.net.dns import DnsDiscovery, DnsSettings
 from mtasts_policyd.net.https import FetchSettings, PolicyFetcher
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolverSettings
 from mtasts_policyd.store.cache import PolicyCache
@@ -130,7 +130,7 @@ def make_resolver(rig: Rig, tmp_path: Path, clock: Clock):
     made: list[PolicyResolver] = []
 
     def make(cache_path: Path | None = None, **settings: object) -> PolicyResolver:
-        discovery = Discovery(rig.dns_settings())
+        discovery = DnsDiscovery(rig.dns_settings())
         cache = PolicyCache(str(cache_path or tmp_path / "cache.sqlite3"))
         resolver = PolicyResolver(cache, discovery, PolicyFetcher(discovery, rig.fetch_settings()),
                                   ResolverSettings(**settings), clock=clock)  # type: ignore[arg-type]

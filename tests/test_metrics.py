@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mtasts_policyd.ops.metrics import FrontEndMetrics, Metrics, parse_metrics_address
-from mtasts_policyd.resolution.resolver import CacheState, Decision
+from mtasts_policyd.resolution.resolver import CacheState, Decision, Outcome
 from tests.conftest import ROOT, Daemon, SocketmapClient, free_port, secure
 from tests.test_exim_protocol import exchange
 
@@ -301,7 +301,7 @@ def test_registry_render_and_thread_counters():
         thread.start()
     for thread in threads:
         thread.join()
-    metrics.refreshed("changed from id=1")
+    metrics.resolved(Outcome.CHANGED)
     text = metrics.render([("x_gauge", "gauge", "a \"test\"", [({"l": 'a"b\\c\nd'}, 1.5)])])
     assert 'mtasts_lookups_total{frontend="socketmap",answer="OK",cache="hit"} 2\n' in text
     assert 'mtasts_lookups_total{frontend="socketmap",answer="NOTFOUND",cache="none"} 1\n' in text

@@ -14,8 +14,10 @@ from typing import Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.answers.postfix import tls_policy
+from mtasts_policyd.commands import survey, warm
+from mtasts_policyd.commands.common import add_common_options
 from mtasts_policyd.core.names import clean_key
-from mtasts_policyd.ops import cachetool, doctor, survey, warm
+from mtasts_policyd.ops import cachetool, doctor
 from mtasts_policyd.ops.views import (
     failure_fields,
     iso_time,
@@ -25,7 +27,7 @@ from mtasts_policyd.ops.views import (
 )
 from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
 from mtasts_policyd.runtime import signals
-from mtasts_policyd.runtime.config import LOG_LEVELS, Config, checked, load
+from mtasts_policyd.runtime.config import Config, checked, load
 from mtasts_policyd.runtime.daemon import (
     CacheMissing,
     build_resolver,
@@ -53,25 +55,6 @@ postfix main.cf:
 exim (see contrib/exim/exim.conf; no fail string: mail defers while the daemon is unreachable):
   ${readsocket{inet:127.0.0.1:8462}{policy $domain\\n}{5s:cache=yes}{}}
 """
-
-
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """--config, --cache, --log-level: every subcommand shares them, so cron and daemon share a cache."""
-    parser.add_argument("--config", metavar="FILE", help="YAML configuration file (default: none, embedded defaults)")
-    parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS,
-                        help="log verbosity (overrides log_level; default info)")
-
-
-def concurrency(text: str) -> int:
-    """argparse type for --concurrency: a whole number from 1 to 256."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 256: {text!r}")
-    return value
 
 
 def _register_serve(sub: Any) -> None:
@@ -147,7 +130,7 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
         return result
     if decision.override is not None:
         o = decision.override
-        result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.cache.value,
+        result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.state.value,
                        "override": {"action": o.action, "reason": o.reason, "expires_at": iso_time(o.expires_at)}})
         if decision.policy is not None:
             result.update({"mode": decision.policy.mode.value, "mx": list(decision.policy.mx)})
@@ -158,7 +141,7 @@ def describe(key: str, decision: Decision | None, answer: str, resolver: PolicyR
     result.update({
         "domain": decision.domain,
         "reason": decision.reason,
-        "cache": decision.cache.value,
+        "cache": decision.state.value,
         "txt_record": entry.txt_record if entry else None,
         "policy_id": decision.policy_id,
         **policy_fields(shown),
@@ -191,7 +174,7 @@ def query(args: argparse.Namespace, config: Config) -> int:
             domain = clean_key(key)
             decision = None
             if domain is not None:
-                decision = resolver.cached(domain)[0] or resolver.resolve(domain)
+                decision = resolver.cached(domain)[0] or resolver.resolve(domain).decision
             policy = tls_policy(decision, maps[name]) if decision is not None else None
             answer = f"OK {policy}" if policy else "NOTFOUND "
             info = describe(key, decision, answer, resolver)

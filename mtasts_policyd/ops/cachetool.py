@@ -31,7 +31,7 @@ from mtasts_policyd.core.errors import (
 )
 from mtasts_policyd.core.names import to_alabel
 from mtasts_policyd.core.policy import Mode, parse_policy
-from mtasts_policyd.core.sts_record import parse_record, valid_id
+from mtasts_policyd.core.sts_record import parse_sts_record, valid_id
 from mtasts_policyd.ops.views import (
     failure_fields,
     iso_time,
@@ -438,7 +438,7 @@ def entry_from_record(record: Any, now: float) -> Entry:
     policy_id, txt_record = _text_field(record, "policy_id"), _text_field(record, "txt_record")
     if txt_record is not None:
         try:
-            parsed = parse_record(txt_record)
+            parsed = parse_sts_record(txt_record)
         except InvalidRecord as exc:
             raise ValueError(f"txt_record is not a valid STSv1 record: {exc.detail}") from None
         if policy_id is not None and parsed.id != policy_id:

@@ -7,7 +7,7 @@ only when somebody scrapes.
 
 Threads: `FrontEndMetrics.answered()` runs on the event loop thread only (the front ends), so its
 dicts need no lock: nothing else writes them, and the scrape reads them on the same thread.
-Resolutions run in worker threads: `fetched()`, `refreshed()` and `refresh_failed()` take a lock,
+Resolutions run in worker threads: `fetched()`, `resolved()` and `refresh_failed()` take a lock,
 which costs nothing next to a DNS query or an HTTPS fetch; the scrape copies those dicts under it.
 
 The HTTP side is a tiny HTTP/1.0 responder: one request per connection (bounded in size and in
@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 from mtasts_policyd import __version__
 from mtasts_policyd.core.errors import FailureKind
 from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
+from mtasts_policyd.resolution.resolver import Outcome
+from mtasts_policyd.resolution.service import DROP_REASONS
 from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.store.cache import connect_readonly
 
@@ -46,10 +48,9 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    1.0, 2.5, 5.0, 10.0, 30.0)
 FRONTENDS = ("socketmap", "exim")
 OVERRIDE_ACTIONS = ("ignore", "enforce")
-REFRESH_OUTCOMES = ("fetched", "changed", "unchanged", "kept", "no-policy", "failed")
+REFRESH_OUTCOMES = tuple(outcome.value for outcome in Outcome)  # fetched, changed, unchanged, kept, no-policy, failed
 MAX_HTTP_REQUEST = 8192  # bytes of request line and headers
 HTTP_READ_TIMEOUT = 5.0  # seconds to send them
-DROP_REASONS = ("busy", "timeout", "abandoned", "stopping")  # service.py: resolutions not seen through
 COUNT_TIME_LIMIT = 1.0  # seconds a scrape may spend counting the SQLite cache's rows
 
 
@@ -77,7 +78,7 @@ class FrontEndMetrics:
         if decision is None:
             self.lookups[answer, "none"] += 1
         else:
-            self.lookups[answer, decision.cache._value_] += 1  # a plain attribute; Enum.value is a property
+            self.lookups[answer, decision.state._value_] += 1  # a plain attribute; Enum.value is a property
             if decision.override is not None:
                 self.overrides[decision.override.action] += 1
         if elapsed:
@@ -95,6 +96,7 @@ class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
         self.frontends = {name: FrontEndMetrics(name) for name in FRONTENDS}  # event loop thread only
+        # The service's own counts (PolicyService.dropped), handed over by the daemon's wiring.
         self.resolutions_dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)  # event loop thread only
         # Any thread, under _lock.
         self._lock = threading.Lock()
@@ -114,8 +116,9 @@ class Metrics:
         """A policy fetch: "ok" or the failure kind (fetch-error, certificate-invalid, invalid-policy)."""
         self._count(self.fetches, result)
 
-    def refreshed(self, outcome: str) -> None:
-        self._count(self.refreshes, outcome.split(" ", 1)[0])  # "changed from id=..." -> changed
+    def resolved(self, outcome: Outcome) -> None:
+        """A network resolution (resolver.ResolutionCounters): counted by its outcome."""
+        self._count(self.refreshes, outcome.value)
 
     def refresh_failed(self, kind: str) -> None:
         self._count(self.refresh_failures, kind)

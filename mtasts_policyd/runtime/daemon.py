@@ -20,10 +20,10 @@ from mtasts_policyd.frontends.socketmap import (
     SocketmapProtocol,
     SocketmapSettings,
 )
-from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.net.https import PolicyFetcher
-from mtasts_policyd.ops.metrics import MetricsServer, parse_metrics_address
-from mtasts_policyd.resolution.resolver import PolicyResolver, merge
+from mtasts_policyd.ops.metrics import REGISTRY, MetricsServer, parse_metrics_address
+from mtasts_policyd.resolution.resolver import PolicyResolver, ResolutionCounters, merge
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.runtime import sdnotify
@@ -55,12 +55,14 @@ def require_cache(config: Config) -> str:
     return path
 
 
-def build_resolver(config: Config, *, memory_only: bool = False) -> PolicyResolver:
-    """The resolver on the configured cache file, or (memory_only) on an empty cache in memory."""
-    discovery = Discovery(config.dns)
+def build_resolver(config: Config, *, memory_only: bool = False,
+                   counters: ResolutionCounters | None = None) -> PolicyResolver:
+    """The resolver on the configured cache file, or (memory_only) on an empty cache in memory;
+    `counters` count its work (the daemon's metrics; None for the other commands)."""
+    discovery = DnsDiscovery(config.dns)
     cache = PolicyCache(None if memory_only else cache_path(config), config.cache.memory_entries)
     return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver,
-                          overrides=override_table(config))
+                          overrides=override_table(config), counters=counters)
 
 
 def socketmap_settings(config: Config) -> SocketmapSettings:
@@ -162,8 +164,9 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     if early_hup():  # arrived before the event loop (signals.catch_early_hup)
         hup.set()
     raise_open_files_limit(config)
-    resolver = build_resolver(config)
+    resolver = build_resolver(config, counters=REGISTRY)
     service = PolicyService(resolver, workers=config.workers)
+    REGISTRY.resolutions_dropped = service.dropped  # /metrics shows the service's counts
     service.prune_settings, service.prune_interval = prune_settings(config), config.cache.prune_interval
     front = SocketmapFrontEnd(service, socketmap_settings(config))
     exim = EximFrontEnd(service, exim_settings(config))
