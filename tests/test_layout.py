@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.fast  # pure: no sockets, no processes
+
 PACKAGE = ROOT / "mtasts_policyd"
 # README "Layout", inner first: a module may import from its own layer and the ones before it.
 LAYERS = ("core", "net", "store", "resolution", "answers", "frontends", "ops", "runtime", "commands")

@@ -11,6 +11,8 @@ from mtasts_policyd.core.errors import FailureKind, InvalidRecord, NoRecord
 from mtasts_policyd.core.sts_record import join_strings, parse_sts_record, select_record
 from tests.conftest import CORPUS
 
+pytestmark = pytest.mark.fast  # pure: no sockets, no processes
+
 
 def test_minimal_record():
     assert select_record([b"v=STSv1; id=20160831085700Z;"]).id == "20160831085700Z"
