@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from mtasts_policyd.net.dns import Discovery, DnsSettings
+from mtasts_policyd.net.dns import DnsDiscovery, DnsSettings
 from mtasts_policyd.net.https import FetchSettings, PolicyFetcher
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolverSettings
 from mtasts_policyd.store.cache import PolicyCache
@@ -152,12 +152,74 @@ def clock() -> Clock:
 
 
 @pytest.fixture
+def fake_net():
+    """In-memory DNS and policy hosts (tests/fakes.py) for the fast tier."""
+    from tests.fakes import FakeNet  # here: tests/fakes.py imports this module
+    return FakeNet()
+
+
+@pytest.fixture
+def make_fake_resolver(fake_net, clock: Clock):
+    """Build a resolver on the fakes with an in-memory cache and the test clock: no sockets."""
+    made: list[PolicyResolver] = []
+
+    def make(counters: object = None, **settings: object) -> PolicyResolver:
+        resolver = PolicyResolver(PolicyCache(None), fake_net.dns, fake_net.https,  # memory only
+                                  ResolverSettings(**settings), clock=clock, counters=counters)  # type: ignore[arg-type]
+        made.append(resolver)
+        return resolver
+
+    yield make
+    for resolver in made:
+        resolver.cache.close()
+
+
+class FastTierGuard:
+    """What a test marked `fast` tried and must not: every socket it opened (asyncio's own
+    socketpair aside, which wraps descriptors that exist already) and every process it started.
+    Each attempt raises, and the test fails at teardown even where the code under test caught the
+    error (warm, for one, turns any exception into a `failed` domain)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.violations: list[str] = []
+        real_socket_init = socket.socket.__init__
+
+        def guarded_socket(sock: socket.socket, family: int = -1, type: int = -1, proto: int = -1,
+                           fileno: int | None = None) -> None:
+            if fileno is None:
+                self._refuse(f"socket(family={family}, type={type})")
+            real_socket_init(sock, family, type, proto, fileno)
+
+        def guarded_popen(process: subprocess.Popen, args: object, *more: object, **options: object) -> None:
+            self._refuse(f"subprocess {args!r}")
+
+        monkeypatch.setattr(socket.socket, "__init__", guarded_socket)
+        monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
+
+    def _refuse(self, what: str) -> None:
+        self.violations.append(what)
+        raise RuntimeError(f"a test marked fast must not open sockets or start processes: {what}")
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[FastTierGuard | None]:
+    """Keeps the fast tier honest (pyproject.toml's `fast` marker): no sockets, no subprocesses."""
+    if request.node.get_closest_marker("fast") is None:
+        yield None
+        return
+    guard = FastTierGuard(monkeypatch)
+    yield guard
+    if guard.violations:
+        pytest.fail(f"marked fast, but tried: {'; '.join(guard.violations)}")
+
+
+@pytest.fixture
 def make_resolver(rig: Rig, tmp_path: Path, clock: Clock):
     """Build a resolver on the real servers with a disk cache in tmp_path and the test clock."""
     made: list[PolicyResolver] = []
 
     def make(cache_path: Path | None = None, **settings: object) -> PolicyResolver:
-        discovery = Discovery(rig.dns_settings())
+        discovery = DnsDiscovery(rig.dns_settings())
         cache = PolicyCache(str(cache_path or tmp_path / "cache.sqlite3"))
         resolver = PolicyResolver(cache, discovery, PolicyFetcher(discovery, rig.fetch_settings()),
                                   ResolverSettings(**settings), clock=clock)  # type: ignore[arg-type]

@@ -14,14 +14,14 @@ def test_stale_writer_does_not_overwrite_newer_policy(rig, make_resolver, clock,
     rig.publish(domain, ttl=60)
     path = tmp_path / "shared.sqlite3"
     daemon, warmer = make_resolver(path), make_resolver(path)
-    assert daemon.resolve(domain).policy_id == "1"  # the daemon now holds id 1 in memory
+    assert daemon.resolve(domain).decision.policy_id == "1"  # the daemon now holds id 1 in memory
     clock.advance(61)
     rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60)
-    assert warmer.resolve(domain, refetch=True).policy_id == "2"
+    assert warmer.resolve(domain, refetch=True).decision.policy_id == "2"
     # The daemon refreshes from its stale copy and fails: its write must not bring back id 1.
     rig.dns.fault(f"_mta-sts.{domain}", "servfail")
     try:
-        decision = daemon.resolve(domain)
+        decision = daemon.resolve(domain).decision
     finally:
         rig.dns.fault(f"_mta-sts.{domain}", None)
     assert decision.policy_id == "2" and decision.mode is Mode.TESTING
@@ -37,7 +37,7 @@ def test_later_result_wins_when_nobody_fetched_newer(rig, make_resolver, clock, 
     second.resolve(domain)
     rig.publish(domain)
     clock.advance(3600)
-    assert first.resolve(domain).mode is Mode.ENFORCE  # first's copy was stale; merged and stored
+    assert first.resolve(domain).decision.mode is Mode.ENFORCE  # first's copy was stale; merged and stored
     assert stored_entry(path, domain).policy.mode is Mode.ENFORCE
 
 

@@ -20,6 +20,7 @@ def files(root: Path) -> dict[str, bytes]:
             for path in sorted(root.rglob("*")) if path.is_file() and path.name != ".gitattributes"}
 
 
+@pytest.mark.fast
 def test_corpus_is_in_the_repository():
     held = files(CORPUS)
     assert sum(name.startswith("policies/") and name.endswith(".txt") for name in held) == 240
@@ -29,6 +30,7 @@ def test_corpus_is_in_the_repository():
     assert held["policies/0186.txt"].startswith(b"\xff\xfe")
 
 
+@pytest.mark.fast
 @pytest.mark.skipif(not SHARED_CORPUS.is_dir(), reason="no ../shared/corpus beside this checkout")
 def test_corpus_copy_is_byte_identical_to_the_shared_one():
     assert files(CORPUS) == files(SHARED_CORPUS)

@@ -20,20 +20,20 @@ from mtasts_policyd.core.errors import (
     MtaStsError,
     NoRecord,
 )
-from mtasts_policyd.net.dns import Discovery, DnsSettings
+from mtasts_policyd.net.dns import DnsDiscovery, DnsSettings
 
 NEGATIVE_TTL = 123  # distinct from the rig's default (60) and from every positive TTL used here
 
 
 @pytest.fixture
-def discovery(rig) -> Discovery:
-    return Discovery(rig.dns_settings())
+def discovery(rig) -> DnsDiscovery:
+    return DnsDiscovery(rig.dns_settings())
 
 
 @pytest.fixture
-def quick_discovery(rig) -> Discovery:
+def quick_discovery(rig) -> DnsDiscovery:
     """Short timeout for the "server never answers" case, so it costs half a second, not two."""
-    return Discovery(DnsSettings(nameservers=(rig.dns.host,), port=rig.dns.port, timeout=0.5))
+    return DnsDiscovery(DnsSettings(nameservers=(rig.dns.host,), port=rig.dns.port, timeout=0.5))
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def negative_ttl(rig) -> Iterator[int]:
 # ----- the record itself: RFC 8461 §3.1 -----------------------------------------------------
 
 
-def test_single_record_gives_id_text_and_ttl(rig, discovery: Discovery) -> None:
+def test_single_record_gives_id_text_and_ttl(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: one TXT RR "v=STSv1; id=..." at _mta-sts.<domain> is the policy record;
     its TTL is the RRset's own TTL (RFC 1035 §3.2.1), which bounds how long we trust the id."""
     domain = rig.domain()
@@ -65,7 +65,7 @@ def test_single_record_gives_id_text_and_ttl(rig, discovery: Discovery) -> None:
     assert rig.dns.count(f"_mta-sts.{domain}", "TXT") == 1
 
 
-def test_record_split_into_strings_is_joined_without_spaces(rig, discovery: Discovery) -> None:
+def test_record_split_into_strings_is_joined_without_spaces(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: a TXT RR of several strings MUST be read as their concatenation with
     nothing added. The split falls inside "STSv1" and inside the id, so an added space would
     make the version or the id invalid."""
@@ -78,7 +78,7 @@ def test_record_split_into_strings_is_joined_without_spaces(rig, discovery: Disc
     assert answer.record.text == "v=STSv1; id=abc123"
 
 
-def test_cname_at_mta_sts_is_followed(rig, discovery: Discovery) -> None:
+def test_cname_at_mta_sts_is_followed(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §8.2: a domain may delegate with "_mta-sts.user IN CNAME _mta-sts.provider";
     the record found at the end of the chain is the user's record."""
     domain, provider = rig.domain("user"), rig.domain("provider")
@@ -94,7 +94,7 @@ def test_cname_at_mta_sts_is_followed(rig, discovery: Discovery) -> None:
     assert rig.dns.count(f"_mta-sts.{provider}", "TXT") == 0
 
 
-def test_ttl_through_cname_is_the_shortest_in_the_chain(rig, discovery: Discovery) -> None:
+def test_ttl_through_cname_is_the_shortest_in_the_chain(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §8.2 delegation by CNAME, and RFC 2181 §5.2/RFC 1035 §3.2.1: every RR may be
     kept only for its own TTL. The answer depends on the CNAME as much as on the TXT, so
     a provider's long TXT TTL must not let us trust the id after the user's CNAME expired
@@ -106,7 +106,7 @@ def test_ttl_through_cname_is_the_shortest_in_the_chain(rig, discovery: Discover
     assert discovery.sts_record(domain).ttl == 90
 
 
-def test_only_the_stsv1_record_counts_among_other_txt_records(rig, discovery: Discovery) -> None:
+def test_only_the_stsv1_record_counts_among_other_txt_records(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: records that do not begin with "v=STSv1;" are discarded, so SPF and
     site-verification strings sharing the name do not disturb discovery."""
     domain = rig.domain()
@@ -117,7 +117,7 @@ def test_only_the_stsv1_record_counts_among_other_txt_records(rig, discovery: Di
     assert discovery.sts_record(domain).record.id == "only1"
 
 
-def test_stsv1_without_semicolon_is_discarded_beside_a_valid_record(rig, discovery: Discovery) -> None:
+def test_stsv1_without_semicolon_is_discarded_beside_a_valid_record(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: "Records that do not begin with 'v=STSv1;' are discarded": a broken
     "v=STSv1 id=2" next to a valid record is discarded, leaving exactly one record."""
     domain = rig.domain()
@@ -126,7 +126,7 @@ def test_stsv1_without_semicolon_is_discarded_beside_a_valid_record(rig, discove
     assert discovery.sts_record(domain).record.id == "1"
 
 
-def test_large_txt_rrset_truncated_over_udp_still_found(rig, discovery: Discovery) -> None:
+def test_large_txt_rrset_truncated_over_udp_still_found(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1 (all TXT RRs at the name are considered) over RFC 7766 transport: an RRset too
     large for one UDP datagram comes back truncated and must be fetched again over TCP."""
     domain = rig.domain()
@@ -136,7 +136,7 @@ def test_large_txt_rrset_truncated_over_udp_still_found(rig, discovery: Discover
     assert discovery.sts_record(domain).record.id == "bigset"
 
 
-def test_extensions_are_kept_and_ignored(rig, discovery: Discovery) -> None:
+def test_extensions_are_kept_and_ignored(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: unknown fields SHALL be ignored; whitespace around ";" is allowed by the
     ABNF's sts-field-delim (= *WSP ";" *WSP), as is a trailing ";"."""
     domain = rig.domain()
@@ -148,7 +148,7 @@ def test_extensions_are_kept_and_ignored(rig, discovery: Discovery) -> None:
     assert record.extensions == (("foo", "bar"),)
 
 
-def test_id_of_32_characters_is_the_longest_accepted(rig, discovery: Discovery) -> None:
+def test_id_of_32_characters_is_the_longest_accepted(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: sts-id = "id=" 1*32(ALPHA / DIGIT); 32 is still valid (33 is not, below)."""
     domain = rig.domain()
     rig.dns.set(f"_mta-sts.{domain}", "TXT", "v=STSv1; id=" + "A1" * 16, ttl=300)
@@ -156,7 +156,7 @@ def test_id_of_32_characters_is_the_longest_accepted(rig, discovery: Discovery) 
     assert discovery.sts_record(domain).record.id == "A1" * 16
 
 
-def test_two_stsv1_records_are_invalid(rig, discovery: Discovery) -> None:
+def test_two_stsv1_records_are_invalid(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: if more than one record begins with "v=STSv1;", the sender MUST assume
     no policy is available. The failure still carries the RRset's TTL: it is a DNS fact."""
     domain = rig.domain()
@@ -185,7 +185,7 @@ def test_two_stsv1_records_are_invalid(rig, discovery: Discovery) -> None:
         pytest.param("v=STSv1; id=1; note=caf\u00e9", id="not-us-ascii"),
     ],
 )
-def test_malformed_record_is_invalid(rig, discovery: Discovery, text: str) -> None:
+def test_malformed_record_is_invalid(rig, discovery: DnsDiscovery, text: str) -> None:
     """RFC 8461 §3.1: the record MUST be US-ASCII, MUST hold an id of 1-32 letters and digits
     (sts-id = "id=" 1*32(ALPHA / DIGIT)), and "v=STSv1" MUST be followed by ";". A malformed
     STSv1 record means no policy is available, reported as invalid (not as absent)."""
@@ -199,7 +199,7 @@ def test_malformed_record_is_invalid(rig, discovery: Discovery, text: str) -> No
     assert caught.value.ttl == 300
 
 
-def test_duplicate_id_first_wins_and_stray_lookalike_is_discarded(rig, discovery: Discovery) -> None:
+def test_duplicate_id_first_wins_and_stray_lookalike_is_discarded(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: a field given twice is valid syntax (the first occurrence wins), and a
     "v=STSv1" not followed by ";" is discarded before the records are counted."""
     domain = rig.domain()
@@ -208,7 +208,7 @@ def test_duplicate_id_first_wins_and_stray_lookalike_is_discarded(rig, discovery
     assert discovery.sts_record(domain).record.id == "1"
 
 
-def test_version_is_case_sensitive(rig, discovery: Discovery) -> None:
+def test_version_is_case_sensitive(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: sts-version = %s"v=STSv1" (case-sensitive, RFC 7405): "V=stsv1;" does not
     begin with "v=STSv1" and is discarded like any other TXT record."""
     domain = rig.domain()
@@ -223,7 +223,7 @@ def test_version_is_case_sensitive(rig, discovery: Discovery) -> None:
 # ----- absence and failure: RFC 8461 §3.1 with RFC 2308 negative caching ---------------------
 
 
-def test_nxdomain_is_no_record_with_negative_ttl(rig, discovery: Discovery, negative_ttl: int) -> None:
+def test_nxdomain_is_no_record_with_negative_ttl(rig, discovery: DnsDiscovery, negative_ttl: int) -> None:
     """RFC 8461 §3.1: no record means no policy; RFC 2308 §5: NXDOMAIN may be cached for the
     SOA's negative TTL, which must therefore travel with the failure."""
     domain = rig.domain()  # nothing published at all
@@ -235,7 +235,7 @@ def test_nxdomain_is_no_record_with_negative_ttl(rig, discovery: Discovery, nega
     assert caught.value.ttl == negative_ttl
 
 
-def test_negative_ttl_through_cname_is_bounded_by_the_cname(rig, discovery: Discovery, negative_ttl: int) -> None:
+def test_negative_ttl_through_cname_is_bounded_by_the_cname(rig, discovery: DnsDiscovery, negative_ttl: int) -> None:
     """RFC 8461 §8.2 delegation by CNAME, RFC 2308 §5: "no record" reached through a CNAME holds
     only while the CNAME does; a shorter CNAME TTL bounds the negative TTL."""
     domain, provider = rig.domain("user"), rig.domain("gone")
@@ -247,7 +247,7 @@ def test_negative_ttl_through_cname_is_bounded_by_the_cname(rig, discovery: Disc
     assert caught.value.ttl == 45 < negative_ttl
 
 
-def test_nodata_is_no_record_with_negative_ttl(rig, discovery: Discovery, negative_ttl: int) -> None:
+def test_nodata_is_no_record_with_negative_ttl(rig, discovery: DnsDiscovery, negative_ttl: int) -> None:
     """RFC 8461 §3.1 and RFC 2308 §5 (NODATA): the name exists but has no TXT RRset."""
     domain = rig.domain()
     rig.dns.set(f"_mta-sts.{domain}", "A", "127.0.0.1")
@@ -259,7 +259,7 @@ def test_nodata_is_no_record_with_negative_ttl(rig, discovery: Discovery, negati
     assert caught.value.ttl == negative_ttl
 
 
-def test_txt_without_stsv1_is_no_record_for_the_rrset_ttl(rig, discovery: Discovery, negative_ttl: int) -> None:
+def test_txt_without_stsv1_is_no_record_for_the_rrset_ttl(rig, discovery: DnsDiscovery, negative_ttl: int) -> None:
     """RFC 8461 §3.1: when every TXT RR is discarded, none is left, so no policy; the answer was
     positive DNS-wise, so it is kept for the TXT RRset's TTL, not the negative TTL."""
     domain = rig.domain()
@@ -272,7 +272,7 @@ def test_txt_without_stsv1_is_no_record_for_the_rrset_ttl(rig, discovery: Discov
 
 
 @pytest.mark.parametrize("fault", ["servfail", "refused"])
-def test_server_failure_is_temporary_never_no_record(rig, discovery: Discovery, fault: str) -> None:
+def test_server_failure_is_temporary_never_no_record(rig, discovery: DnsDiscovery, fault: str) -> None:
     """RFC 8461 §3.1 only lets an *absent* record mean "no policy"; SERVFAIL and REFUSED say
     nothing about the domain (RFC 8460 §4.3.2.2 reports them as sts-policy-fetch-error), so they
     must be a temporary failure and never cacheable as NoRecord."""
@@ -293,7 +293,7 @@ def test_server_failure_is_temporary_never_no_record(rig, discovery: Discovery, 
 
 
 @pytest.mark.timeout(5)
-def test_timeout_is_temporary_never_no_record(rig, quick_discovery: Discovery) -> None:
+def test_timeout_is_temporary_never_no_record(rig, quick_discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: a server that never answers tells us nothing; the lookup ends within the
     configured DNS timeout with a temporary failure, not "no record"."""
     domain = rig.domain()
@@ -334,7 +334,7 @@ PUBLISHED = {
 
 
 @pytest.mark.parametrize("case", sorted(PUBLISHED))
-def test_async_form_gives_what_the_sync_form_gives(rig, discovery: Discovery, negative_ttl: int, case: str) -> None:
+def test_async_form_gives_what_the_sync_form_gives(rig, discovery: DnsDiscovery, negative_ttl: int, case: str) -> None:
     """RFC 8461 §3.1 and RFC 2308 as above, through dnspython's asyncio resolver (the daemon's
     first step): one mapping of answers, TTLs and failures serves both forms."""
     domain = rig.domain()
@@ -350,7 +350,7 @@ def test_async_form_gives_what_the_sync_form_gives(rig, discovery: Discovery, ne
 
 @pytest.mark.timeout(5)
 @pytest.mark.parametrize("fault", ["servfail", "timeout"])
-def test_async_form_failures_are_temporary(rig, quick_discovery: Discovery, fault: str) -> None:
+def test_async_form_failures_are_temporary(rig, quick_discovery: DnsDiscovery, fault: str) -> None:
     domain = rig.domain()
     name = f"_mta-sts.{domain}"
     rig.dns.set(name, "TXT", "v=STSv1; id=hidden", ttl=300)
@@ -363,7 +363,7 @@ def test_async_form_failures_are_temporary(rig, quick_discovery: Discovery, faul
     assert asyncio.run(quick_discovery.sts_record_async(domain)).record.id == "hidden"
 
 
-def test_fault_cleared_record_is_found_again(rig, discovery: Discovery) -> None:
+def test_fault_cleared_record_is_found_again(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.1: a temporary failure must not stick; once the server answers, the record
     is there (nothing was cached as "no policy")."""
     domain = rig.domain()
@@ -382,7 +382,7 @@ def test_fault_cleared_record_is_found_again(rig, discovery: Discovery) -> None:
 # ----- hosts: policy host addresses (RFC 8461 §3.3) and MX (RFC 8461 §4.1, RFC 5321 §5.1) -----
 
 
-def test_addresses_are_ipv4_then_ipv6(rig, discovery: Discovery) -> None:
+def test_addresses_are_ipv4_then_ipv6(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.3: the policy host mta-sts.<domain> is reached at its A and AAAA addresses.
     Order inside one RRset means nothing (RFC 2181 §5; the server shuffles it), so only the
     IPv4-before-IPv6 order is asserted."""
@@ -396,7 +396,7 @@ def test_addresses_are_ipv4_then_ipv6(rig, discovery: Discovery) -> None:
     assert found[2:] == ["::1"]
 
 
-def test_addresses_ipv6_only(rig, discovery: Discovery) -> None:
+def test_addresses_ipv6_only(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.3: a host with AAAA only (NODATA for A) is still reachable."""
     host = f"mta-sts.{rig.domain()}"
     rig.dns.set(host, "AAAA", "::1")
@@ -404,7 +404,7 @@ def test_addresses_ipv6_only(rig, discovery: Discovery) -> None:
     assert discovery.addresses(host) == ["::1"]
 
 
-def test_addresses_of_missing_host_is_no_record(rig, discovery: Discovery) -> None:
+def test_addresses_of_missing_host_is_no_record(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.3: no address at all: the host cannot be reached (NXDOMAIN is an answer)."""
     with pytest.raises(NoRecord) as caught:
         discovery.addresses(f"mta-sts.{rig.domain()}")
@@ -412,7 +412,7 @@ def test_addresses_of_missing_host_is_no_record(rig, discovery: Discovery) -> No
     assert caught.value.kind is FailureKind.NO_RECORD
 
 
-def test_addresses_failure_is_temporary(rig, discovery: Discovery) -> None:
+def test_addresses_failure_is_temporary(rig, discovery: DnsDiscovery) -> None:
     """RFC 8461 §3.3: SERVFAIL for the policy host is "could not ask", not "has no address"."""
     host = f"mta-sts.{rig.domain()}"
     rig.dns.set(host, "A", "127.0.0.1")
@@ -426,7 +426,7 @@ def test_addresses_failure_is_temporary(rig, discovery: Discovery) -> None:
     assert caught.value.kind is FailureKind.DNS_TEMPORARY
 
 
-def test_mx_hosts_in_preference_order_normalised_with_ttl(rig, discovery: Discovery) -> None:
+def test_mx_hosts_in_preference_order_normalised_with_ttl(rig, discovery: DnsDiscovery) -> None:
     """RFC 5321 §5.1: MX hosts are tried by preference, lowest first; RFC 8461 §4.1 matches
     their names case-insensitively, so they come back lowercased and without the final dot."""
     domain = rig.domain()
@@ -438,7 +438,7 @@ def test_mx_hosts_in_preference_order_normalised_with_ttl(rig, discovery: Discov
     assert ttl == 900
 
 
-def test_mx_of_domain_without_mx_is_no_record(rig, discovery: Discovery, negative_ttl: int) -> None:
+def test_mx_of_domain_without_mx_is_no_record(rig, discovery: DnsDiscovery, negative_ttl: int) -> None:
     """RFC 5321 §5.1 / RFC 2308 §5: NODATA for MX is an answer, with the negative TTL."""
     domain = rig.domain()
     rig.dns.set(domain, "A", "127.0.0.1")

@@ -13,7 +13,7 @@ import gzip
 import pytest
 
 from mtasts_policyd.core.errors import CertificateInvalid, FailureKind, FetchError
-from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.net.https import WELL_KNOWN, PolicyFetcher
 from tests.bodies import ENFORCE_ONE_MX
 
@@ -22,7 +22,7 @@ TIMEOUT = 1.0  # fetch timeout for these tests; the slow servers below take long
 
 @pytest.fixture
 def fetcher(rig) -> PolicyFetcher:
-    return PolicyFetcher(Discovery(rig.dns_settings()),
+    return PolicyFetcher(DnsDiscovery(rig.dns_settings()),
                          rig.fetch_settings(timeout=TIMEOUT, connect_timeout=TIMEOUT))
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from mtasts_policyd.core.names import clean_key, to_alabel
 
+pytestmark = pytest.mark.fast  # pure: no sockets, no processes
+
 
 @pytest.mark.parametrize("key,domain", [
     ("example.com", "example.com"),

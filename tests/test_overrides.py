@@ -55,13 +55,13 @@ def test_resolver_applies_override_until_it_expires(rig, make_resolver, clock):
                                                 expires="2027-01-15T00:00:00+00:00")}
     clock.now = 1_800_000_000 - 10**7  # well before the expiry
     decision, due = resolver.cached(domain)
-    assert decision.cache is CacheState.OVERRIDE and decision.policy is None and not due
+    assert decision.state is CacheState.OVERRIDE and decision.policy is None and not due
     assert decision.reason == "override-ignore"
-    assert resolver.resolve(domain).policy is None
+    assert resolver.resolve(domain).decision.policy is None
     assert rig.https.count(domain) == 0 and rig.dns.count(f"_mta-sts.{domain}", "TXT") == 0
     clock.now = 1_800_000_000  # 2027-01-15 has passed: the published policy is back
     assert resolver.cached(domain) == (None, False)
-    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert resolver.resolve(domain).decision.mode is Mode.ENFORCE
 
 
 def test_sighup_reloads_overrides_without_dropping_connections(rig, start_daemon, tmp_path):

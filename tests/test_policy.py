@@ -16,6 +16,8 @@ from mtasts_policyd.core.policy import (
 )
 from tests.conftest import CORPUS
 
+pytestmark = pytest.mark.fast  # pure: no sockets, no processes
+
 GOOD = b"version: STSv1\nmode: enforce\nmx: mail.example.com\nmx: *.example.net\nmax_age: 604800\n"
 
 

@@ -26,11 +26,11 @@ def test_first_lookup_fetches_then_cache_answers(rig, make_resolver):
     rig.publish(domain)
     resolver = make_resolver()
     assert resolver.cached(domain) == (None, False)
-    decision = resolver.resolve(domain)
-    assert decision.cache is CacheState.MISS and decision.mode is Mode.ENFORCE and decision.policy_id == "1"
+    decision = resolver.resolve(domain).decision
+    assert decision.state is CacheState.MISS and decision.mode is Mode.ENFORCE and decision.policy_id == "1"
     assert decision.policy.mx == (f"mx1.{domain}", f"*.mx.{domain}")
     cached, due = resolver.cached(domain)
-    assert cached.cache is CacheState.HIT and cached.policy == decision.policy and not due
+    assert cached.state is CacheState.HIT and cached.policy == decision.policy and not due
     assert (txt_queries(rig, domain), rig.https.count(domain)) == (1, 1)
 
 
@@ -59,21 +59,21 @@ def test_max_age_zero_applies_to_the_lookup_that_fetched_it_and_is_never_cached(
     domain = rig.domain()
     rig.publish(domain, ZERO)
     resolver = make_resolver()
-    decision = resolver.resolve(domain)
-    assert decision.cache is CacheState.MISS and decision.mode is Mode.ENFORCE and decision.policy.max_age == 0
+    decision = resolver.resolve(domain).decision
+    assert decision.state is CacheState.MISS and decision.mode is Mode.ENFORCE and decision.policy.max_age == 0
     assert decision.expires_at == decision.fetched_at
     assert tls_policy(decision, MapOptions()) == f"secure match=mx1.{domain}:a.mx.{domain} servername=hostname"
     assert resolver.cached(domain) == (None, False)
     clock.advance(1)
     assert resolver.cached(domain) == (None, False)
-    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert resolver.resolve(domain).decision.mode is Mode.ENFORCE
     assert rig.https.count(domain) == 2
     # The next fetch fails: the policy that was applied once is not brought back from the cache.
     rig.https.set_policy(domain, ZERO.format(d=domain), status=503)
     clock.advance(1)
-    failed = resolver.resolve(domain)
+    failed = resolver.resolve(domain).decision
     assert failed.policy is None and failed.failure.kind is FailureKind.FETCH_ERROR
-    assert resolver.cached(domain)[0].cache is CacheState.BACKOFF
+    assert resolver.cached(domain)[0].state is CacheState.BACKOFF
 
 
 def test_max_age_zero_concurrent_lookups_share_the_fetch_and_its_policy(rig, make_resolver):
@@ -93,7 +93,7 @@ def test_max_age_zero_concurrent_lookups_share_the_fetch_and_its_policy(rig, mak
     finally:
         service.close()
     assert len({id(decision) for decision in together}) == 1
-    assert together[0].mode is Mode.ENFORCE and together[0].cache is CacheState.MISS
+    assert together[0].mode is Mode.ENFORCE and together[0].state is CacheState.MISS
     assert later.mode is Mode.ENFORCE and later is not together[0]
     assert rig.https.count(domain) == 2
 
@@ -107,7 +107,7 @@ def test_max_age_zero_replacing_a_kept_policy(rig, make_resolver, clock):
     resolver.resolve(domain)
     rig.publish(domain, ZERO.replace("enforce", "testing"), id="2", ttl=60)
     clock.advance(61)
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.mode is Mode.TESTING and decision.policy_id == "2"
     assert resolver.cached(domain) == (None, False)
 
@@ -122,7 +122,7 @@ def test_unchanged_id_is_not_fetched_again(rig, make_resolver, clock):
     assert resolver.cached(domain)[1] is False
     clock.advance(2)  # the TXT TTL has passed: re-check the id
     assert resolver.cached(domain)[1] is True
-    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert resolver.resolve(domain).decision.mode is Mode.ENFORCE
     assert (txt_queries(rig, domain), rig.https.count(domain)) == (2, 1)
     assert resolver.cached(domain)[1] is False
 
@@ -135,7 +135,7 @@ def test_changed_id_means_new_fetch(rig, make_resolver, clock):
     resolver.resolve(domain)
     rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60)
     clock.advance(61)
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.mode is Mode.TESTING and decision.policy_id == "2"
     assert rig.https.count(domain) == 2
     assert resolver.cached(domain)[0].policy_id == "2"
@@ -146,10 +146,10 @@ def test_policy_fetched_again_daily_even_with_same_id(rig, make_resolver, clock)
     domain = rig.domain()
     rig.publish(domain, ttl=3600)
     resolver = make_resolver(txt_ttl_max=7200, refresh_after=3000)
-    first = resolver.resolve(domain)
+    first = resolver.resolve(domain).decision
     clock.advance(3001)
     assert resolver.cached(domain)[1] is True
-    second = resolver.resolve(domain)
+    second = resolver.resolve(domain).decision
     assert rig.https.count(domain) == 2
     assert second.fetched_at == first.fetched_at + 3001
     assert second.expires_at == second.fetched_at + 86400
@@ -163,7 +163,7 @@ def test_fetch_failure_keeps_cached_policy_and_backs_off(rig, make_resolver, clo
     resolver.resolve(domain)
     rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60, status=500)
     clock.advance(61)
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
     assert decision.failure.kind is FailureKind.FETCH_ERROR
     clock.advance(299)
@@ -172,7 +172,7 @@ def test_fetch_failure_keeps_cached_policy_and_backs_off(rig, make_resolver, clo
     clock.advance(2)
     assert resolver.cached(domain)[1] is True
     rig.publish(domain, TESTING_ONE_MX, id="2", ttl=60)
-    assert resolver.resolve(domain).mode is Mode.TESTING
+    assert resolver.resolve(domain).decision.mode is Mode.TESTING
 
 
 @pytest.mark.parametrize("break_it", ["servfail", "timeout", "removed", "garbage", "invalid-policy", "bad-cert"])
@@ -196,7 +196,7 @@ def test_no_failure_downgrades_a_cached_enforce_policy(rig, make_resolver, clock
         rig.publish(domain, id="2", ttl=60, cert="expired")
     try:
         clock.advance(61)
-        decision = resolver.resolve(domain)
+        decision = resolver.resolve(domain).decision
         assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
         assert decision.failure is not None
         assert resolver.cached(domain)[0].mode is Mode.ENFORCE
@@ -212,7 +212,7 @@ def test_mode_none_replaces_enforce(rig, make_resolver, clock):
     resolver.resolve(domain)
     rig.publish(domain, NONE, id="2", ttl=60)
     clock.advance(61)
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.mode is Mode.NONE and decision.failure is None
 
 
@@ -220,16 +220,16 @@ def test_no_record_cached_for_negative_ttl(rig, make_resolver, clock):
     # RFC 8461 §3.1 + RFC 2308: NXDOMAIN is "no policy", cached for the zone's negative TTL.
     domain = rig.domain()
     resolver = make_resolver(negative_ttl_min=10, negative_ttl_max=3600)
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.policy is None and decision.failure.kind is FailureKind.NO_RECORD
     clock.advance(rig.dns.negative_ttl - 1)
     cached, due = resolver.cached(domain)
-    assert cached.cache is CacheState.NEGATIVE and not due
+    assert cached.state is CacheState.NEGATIVE and not due
     assert txt_queries(rig, domain) == 1
     clock.advance(2)
     assert resolver.cached(domain) == (None, False)
     rig.publish(domain)  # the domain publishes a policy: found at the next lookup
-    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert resolver.resolve(domain).decision.mode is Mode.ENFORCE
 
 
 def test_negative_ttl_is_bounded(rig, make_resolver, clock):
@@ -244,10 +244,10 @@ def test_invalid_record_cached_like_no_record(rig, make_resolver, clock):
     domain = rig.domain()
     rig.dns.set(f"_mta-sts.{domain}", "TXT", "v=STSv1; id=a-b", ttl=120)
     resolver = make_resolver()
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.policy is None and decision.failure.kind is FailureKind.INVALID_RECORD
     clock.advance(119)
-    assert resolver.cached(domain)[0].cache is CacheState.NEGATIVE
+    assert resolver.cached(domain)[0].state is CacheState.NEGATIVE
 
 
 def test_dns_failure_without_cache_is_not_cached_as_no_policy(rig, make_resolver, clock):
@@ -256,15 +256,15 @@ def test_dns_failure_without_cache_is_not_cached_as_no_policy(rig, make_resolver
     rig.dns.fault(f"_mta-sts.{domain}", "servfail")
     try:
         resolver = make_resolver(dns_backoff_min=30)
-        decision = resolver.resolve(domain)
+        decision = resolver.resolve(domain).decision
         assert decision.policy is None and decision.failure.kind is FailureKind.DNS_TEMPORARY
-        assert resolver.cached(domain)[0].cache is CacheState.BACKOFF
+        assert resolver.cached(domain)[0].state is CacheState.BACKOFF
         clock.advance(31)
         assert resolver.cached(domain) == (None, False)
     finally:
         rig.dns.fault(f"_mta-sts.{domain}", None)
     rig.publish(domain)
-    assert resolver.resolve(domain).mode is Mode.ENFORCE
+    assert resolver.resolve(domain).decision.mode is Mode.ENFORCE
 
 
 def test_failed_fetch_backs_off_exponentially(rig, make_resolver, clock):
@@ -272,10 +272,10 @@ def test_failed_fetch_backs_off_exponentially(rig, make_resolver, clock):
     rig.publish(domain, status=404)
     resolver = make_resolver(backoff_min=300, backoff_max=1000)
     for expected_delay in (300, 600, 1000, 1000):
-        decision = resolver.resolve(domain)
+        decision = resolver.resolve(domain).decision
         assert decision.policy is None and decision.failure.kind is FailureKind.FETCH_ERROR
         clock.advance(expected_delay - 1)
-        assert resolver.cached(domain)[0].cache is CacheState.BACKOFF
+        assert resolver.cached(domain)[0].state is CacheState.BACKOFF
         clock.advance(1)
         assert resolver.cached(domain) == (None, False)
     assert rig.https.count(domain) == 4
@@ -284,7 +284,7 @@ def test_failed_fetch_backs_off_exponentially(rig, make_resolver, clock):
 def test_certificate_failure_is_its_own_kind(rig, make_resolver):
     domain = rig.domain()
     rig.publish(domain, cert="wrong-name")
-    decision = make_resolver().resolve(domain)
+    decision = make_resolver().resolve(domain).decision
     assert decision.policy is None and decision.failure.kind is FailureKind.CERTIFICATE_INVALID
     assert decision.failure.kind.tlsrpt_result_type == "sts-webpki-invalid"
 
@@ -300,7 +300,7 @@ def test_cache_survives_a_new_process(rig, make_resolver, tmp_path):
     before = (len(rig.dns.queries), len(rig.https.requests))
     second = make_resolver(tmp_path / "shared.sqlite3")
     assert second.cached(policy_domain)[0].mode is Mode.ENFORCE
-    assert second.cached(empty_domain)[0].cache is CacheState.NEGATIVE
+    assert second.cached(empty_domain)[0].state is CacheState.NEGATIVE
     assert (len(rig.dns.queries), len(rig.https.requests)) == before
 
 
@@ -316,7 +316,7 @@ def test_wildcard_answer_lists_matching_mx_hosts_only(rig, make_resolver):
     domain = rig.domain()
     rig.publish(domain, WILD)
     rig.dns.set(domain, "MX", f"10 a.b.mx.{domain}.", f"20 A.MX.{domain}.", f"30 other.{domain}.")
-    decision = make_resolver().resolve(domain)
+    decision = make_resolver().resolve(domain).decision
     assert decision.mx_hosts == (f"a.b.mx.{domain}", f"a.mx.{domain}", f"other.{domain}")
     assert tls_policy(decision, MapOptions()) == f"secure match=a.mx.{domain} servername=hostname"
     assert tls_policy(decision, MapOptions(exact_wildcards=False)) == f"secure match=.mx.{domain} servername=hostname"
@@ -327,7 +327,7 @@ def test_wildcard_with_no_matching_mx_gets_an_unmatchable_name(rig, make_resolve
     domain = rig.domain()
     rig.publish(domain, WILD)
     rig.dns.set(domain, "MX", f"10 a.b.mx.{domain}.")
-    decision = make_resolver().resolve(domain)
+    decision = make_resolver().resolve(domain).decision
     assert tls_policy(decision, MapOptions()) == f"secure match={NO_MATCHING_MX} servername=hostname"
 
 
@@ -337,7 +337,7 @@ def test_wildcard_over_a_top_level_domain(rig, make_resolver):
     domain = rig.domain()
     rig.publish(domain, "version: STSv1\nmode: enforce\nmx: *.test\nmax_age: 86400\n")
     rig.dns.set(domain, "MX", "10 mxonly.test.", f"20 mx1.{domain}.", "30 a.b.test.")
-    decision = make_resolver().resolve(domain)
+    decision = make_resolver().resolve(domain).decision
     assert decision.policy.mx == ("*.test",) and decision.policy.warnings == ()
     assert tls_policy(decision, MapOptions()) == "secure match=mxonly.test servername=hostname"
     assert tls_policy(decision, MapOptions(exact_wildcards=False)) == "secure match=.test servername=hostname"
@@ -354,7 +354,7 @@ def test_mx_hosts_followed_within_the_mx_ttl(rig, make_resolver, clock):
     assert resolver.cached(domain) == (resolver.cached(domain)[0], False)
     clock.advance(2)
     assert resolver.cached(domain)[1] is True  # the MX TTL passed: refresh in the background
-    decision = resolver.resolve(domain)
+    decision = resolver.resolve(domain).decision
     assert decision.mx_hosts == (f"b.mx.{domain}",)
     assert rig.https.count(domain) == 1  # the policy itself was not fetched again
 
@@ -368,7 +368,7 @@ def test_mx_failure_keeps_known_mx_hosts(rig, make_resolver, clock):
     rig.dns.fault(domain, "servfail")
     try:
         clock.advance(61)
-        assert resolver.resolve(domain).mx_hosts == (f"a.mx.{domain}",)
+        assert resolver.resolve(domain).decision.mx_hosts == (f"a.mx.{domain}",)
     finally:
         rig.dns.fault(domain, None)
 
@@ -376,7 +376,7 @@ def test_mx_failure_keeps_known_mx_hosts(rig, make_resolver, clock):
 def test_policy_without_wildcards_needs_no_mx_lookup(rig, make_resolver):
     domain = rig.domain()
     rig.publish(domain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n")
-    decision = make_resolver().resolve(domain)
+    decision = make_resolver().resolve(domain).decision
     assert decision.mx_hosts is None and rig.dns.count(domain, "MX") == 0
 
 
@@ -387,14 +387,14 @@ def test_txt_answer_given_by_the_caller_is_used_as_asked(rig, make_resolver, clo
     rig.publish(domain)
     resolver = make_resolver()
     answer = asyncio.run(resolver.discovery.sts_record_async(domain))
-    decision = resolver.resolve(domain, txt=answer)
+    decision = resolver.resolve(domain, txt=answer).decision
     assert decision.mode is Mode.ENFORCE and decision.policy_id == "1"
     assert (txt_queries(rig, domain), rig.https.count(domain)) == (1, 1)  # the caller's query only
     with pytest.raises(NoRecord) as no_record:
         asyncio.run(resolver.discovery.sts_record_async(missing))
-    assert resolver.resolve(missing, txt=no_record.value).cache is CacheState.MISS
-    assert resolver.cached(missing)[0].cache is CacheState.NEGATIVE
-    decision = resolver.resolve(failing, txt=DnsTemporaryFailure("timed out"))
+    assert resolver.resolve(missing, txt=no_record.value).decision.state is CacheState.MISS
+    assert resolver.cached(missing)[0].state is CacheState.NEGATIVE
+    decision = resolver.resolve(failing, txt=DnsTemporaryFailure("timed out")).decision
     assert decision.failure.kind is FailureKind.DNS_TEMPORARY and decision.policy is None
-    assert resolver.cached(failing)[0].cache is CacheState.BACKOFF
+    assert resolver.cached(failing)[0].state is CacheState.BACKOFF
     assert txt_queries(rig, failing) == 0

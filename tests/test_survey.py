@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mtasts_policyd.ops.domainlist import parse_domain_list
-from mtasts_policyd.ops.survey import run_bounded
+from mtasts_policyd.ops.pool import run_bounded
 from mtasts_policyd.store.cache import PolicyCache
 from tests.bodies import ENFORCE_ONE_MX, NONE, TESTING_WEEK
 from tests.conftest import ROOT, cli_command, write_config
@@ -297,5 +297,5 @@ def test_run_bounded_keeps_order_and_bound():
             running -= 1
         return n * n
 
-    assert run_bounded(work, list(range(20)), 3, lambda: done.append(1)) == [n * n for n in range(20)]
+    assert run_bounded(work, list(range(20)), 3, lambda _: done.append(1)) == [n * n for n in range(20)]
     assert 2 <= peak <= 3 and len(done) == 20

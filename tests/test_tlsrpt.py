@@ -11,6 +11,8 @@ from mtasts_policyd.core.sts_record import join_strings
 from mtasts_policyd.core.tlsrpt_record import parse_tlsrpt
 from tests.conftest import CORPUS
 
+pytestmark = pytest.mark.fast  # pure: no sockets, no processes
+
 
 def test_minimal_record():
     record = parse_tlsrpt([b"v=TLSRPTv1; rua=mailto:tls@example.com"])

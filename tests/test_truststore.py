@@ -19,7 +19,7 @@ import requests.certs
 import trustme
 
 from mtasts_policyd.core.errors import CertificateInvalid
-from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.net.https import PolicyFetcher, tls_context
 from mtasts_policyd.net.trust import (
     directory_certificates,
@@ -187,7 +187,7 @@ def bare_environment(monkeypatch):
 
 
 def fetcher_without_ca_file(rig) -> PolicyFetcher:
-    return PolicyFetcher(Discovery(rig.dns_settings()), rig.fetch_settings(ca_file=None))
+    return PolicyFetcher(DnsDiscovery(rig.dns_settings()), rig.fetch_settings(ca_file=None))
 
 
 def test_test_ca_trusted_through_ssl_cert_file_alone(rig, bare_environment):

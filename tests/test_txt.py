@@ -8,8 +8,10 @@ import re
 import pytest
 
 from mtasts_policyd.core.errors import FailureKind, InvalidRecord, NoRecord
-from mtasts_policyd.core.sts_record import join_strings, parse_record, select_record
+from mtasts_policyd.core.sts_record import join_strings, parse_sts_record, select_record
 from tests.conftest import CORPUS
+
+pytestmark = pytest.mark.fast  # pure: no sockets, no processes
 
 
 def test_minimal_record():
@@ -30,7 +32,7 @@ def test_whitespace_and_delimiters(text):
 
 def test_unknown_fields_ignored():
     # RFC 8461 §3.1: unknown fields SHALL be ignored, in any order after the version.
-    record = parse_record("v=STSv1; ext_1=a.b; id=abc; X.y-z=1:2/<>")
+    record = parse_sts_record("v=STSv1; ext_1=a.b; id=abc; X.y-z=1:2/<>")
     assert record.id == "abc"
     assert record.extensions == (("ext_1", "a.b"), ("X.y-z", "1:2/<>"))
 
@@ -38,7 +40,7 @@ def test_unknown_fields_ignored():
 def test_duplicate_fields_first_occurrence_wins():
     # A field given twice is valid syntax; as in RFC 8461 §3.2, the first occurrence wins, no error.
     assert select_record([b"v=STSv1; id=1; id=2"]).id == "1"
-    record = parse_record("v=STSv1; x=a; id=3; x=b; id=4")
+    record = parse_sts_record("v=STSv1; x=a; id=3; x=b; id=4")
     assert (record.id, record.extensions) == ("3", (("x", "a"),))
     # The later field is ignored, but it must still be a valid field.
     with pytest.raises(InvalidRecord, match="empty value"):

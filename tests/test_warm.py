@@ -127,7 +127,7 @@ def test_failure_never_replaces_or_downgrades_a_good_policy(rig, make_resolver, 
     domain = rig.domain()
     rig.publish(domain)
     resolver = make_resolver()
-    first = resolver.resolve(domain)
+    first = resolver.resolve(domain).decision
     clock.advance(2 * 3600)
     _break(rig, domain, how)
     try:

@@ -48,7 +48,7 @@ def query(args: argparse.Namespace, config: Config) -> int:
             domain = clean_key(key)
             decision = None
             if domain is not None:
-                decision = resolver.cached(domain)[0] or resolver.resolve(domain)
+                decision = resolver.cached(domain)[0] or resolver.resolve(domain).decision
             answer = map_reply(decision, maps[name])
             info = decision_view(key, decision, answer, resolver)
             if args.json:

@@ -87,7 +87,7 @@ def _fields(text: str) -> list[str]:
     return fields
 
 
-def parse_record(text: str) -> StsRecord:
+def parse_sts_record(text: str) -> StsRecord:
     """Parse one TXT value that begins with v=STSv1; raise InvalidRecord unless it matches the ABNF."""
     if not text.startswith(VERSION) or not _DELIM.match(text, len(VERSION)):
         raise InvalidRecord(f"record does not begin with 'v=STSv1;': {text[:60]!r}")
@@ -140,4 +140,4 @@ def select_record(rrs: Iterable[bytes]) -> StsRecord:
         text = candidates[0].decode("ascii")
     except UnicodeDecodeError:
         raise InvalidRecord("record is not US-ASCII (RFC 8461 §3.1)") from None
-    return parse_record(text)
+    return parse_sts_record(text)

@@ -79,10 +79,10 @@ def parse_tlsrpt(records: Iterable[bytes]) -> TlsRptRecord:
         text = candidates[0].decode("ascii")  # RFC 8460 §3: URIs and ext values are ASCII only
     except UnicodeDecodeError:
         raise InvalidRecord("record is not US-ASCII") from None
-    return parse_record(text)
+    return parse_tlsrpt_record(text)
 
 
-def parse_record(text: str) -> TlsRptRecord:
+def parse_tlsrpt_record(text: str) -> TlsRptRecord:
     """Parse one record that begins with v=TLSRPTv1; raise InvalidRecord when it is unusable."""
     fields = [f.strip(_WSP) for f in text.split(";")]
     if fields[0] != VERSION:  # RFC 8460 §3: "v" MUST be the first field

@@ -110,7 +110,7 @@ def decision_log_fields(decision: Decision) -> str:
     """The grep-able key=value part of a decision's log line, the same for every front end."""
     failure = f" failure={decision.failure}" if decision.failure and decision.policy is None else ""
     override = f" override_reason={decision.override.reason!r}" if decision.override else ""
-    return f"domain={decision.domain} cache={decision.cache.value} reason={decision.reason}{failure}{override}"
+    return f"domain={decision.domain} cache={decision.state.value} reason={decision.reason}{failure}{override}"
 
 
 # Answers from the cache with no network and nothing an operator must see: logged at debug, as a

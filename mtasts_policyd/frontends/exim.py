@@ -98,7 +98,7 @@ class EximFrontEnd:
         reply = mx_reply(decision, args[1]) if verb == "mx" else policy_reply(decision)
         answer = reply.split(" ", 1)[0]
         self.counters.answered(answer, decision, time.perf_counter() - started)
-        level = logging.DEBUG if decision is None or decision.cache in QUIET_STATES else logging.INFO  # README "Logs"
+        level = logging.DEBUG if decision is None or decision.state in QUIET_STATES else logging.INFO  # README "Logs"
         if log.isEnabledFor(level):
             target = f" host={args[1]}" if verb == "mx" else ""
             what = decision_log_fields(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"

@@ -106,7 +106,7 @@ class SocketmapFrontEnd:
         if decision is None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
-        elif decision.cache in QUIET_STATES:
+        elif decision.state in QUIET_STATES:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", decision_log_fields(decision))
         elif log.isEnabledFor(logging.INFO):

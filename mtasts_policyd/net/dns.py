@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,11 +23,8 @@ import dns.resolver
 
 from mtasts_policyd.core.errors import DnsTemporaryFailure, MtaStsError, NoRecord
 from mtasts_policyd.core.limits import limits
-from mtasts_policyd.core.sts_record import StsRecord, join_strings, select_record
-from mtasts_policyd.core.tlsrpt_record import TlsRptRecord, parse_tlsrpt
-
-T = TypeVar("T")
-
+from mtasts_policyd.core.sts_record import join_strings
+from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
 
 def ip_addresses(names: tuple[str, ...]) -> None:
     """dnspython asks nameservers by address: a host name here would fail every lookup."""
@@ -45,18 +42,6 @@ class DnsSettings:
     nameservers: tuple[str, ...] = field(default=(), metadata=limits(check=ip_addresses))
     port: int = field(default=53, metadata=limits(min=1, max=65535))
     timeout: float = field(default=5.0, metadata=limits(min=0.1, max=300))  # seconds per lookup, retries included
-
-
-@dataclass(frozen=True)
-class StsAnswer:
-    record: StsRecord
-    ttl: int
-
-
-@dataclass(frozen=True)
-class TlsRptAnswer:
-    record: TlsRptRecord
-    ttl: int
 
 
 def _negative_ttl(response: dns.message.Message | None) -> int | None:
@@ -122,25 +107,20 @@ def _dns_errors(name: str, rdtype: str) -> Iterator[None]:
         raise DnsTemporaryFailure(f"{name} {rdtype}: {_short(exc)}") from None
 
 
-def _parse_txt(answer: dns.resolver.Answer, parse: Callable[[list[bytes]], T]) -> tuple[T, int]:
-    """A TXT answer parsed, with its TTL; a parse failure carries the RRset's TTL (that is what is cached)."""
-    # RFC 8461 §3.1, RFC 8460 §3: strings of one RR are joined with nothing between them.
-    rrs = [join_strings(rdata.strings) for rdata in answer]
-    ttl = _answer_ttl(answer)
-    try:
-        return parse(rrs), ttl
-    except MtaStsError as exc:
-        exc.ttl = ttl
-        raise
+def _txt_rrs(answer: dns.resolver.Answer) -> tuple[list[bytes], int]:
+    """A TXT answer's RRs and its TTL. RFC 8461 §3.1, RFC 8460 §3: the strings of one RR are
+    joined with nothing between them."""
+    return [join_strings(rdata.strings) for rdata in answer], _answer_ttl(answer)
 
 
-class Discovery:
-    """Thread-safe: dnspython's Resolver may be shared as long as nobody changes its settings.
+class DnsDiscovery:
+    """The `Discovery` seam (base.py) over dnspython. Thread-safe: dnspython's Resolver may be
+    shared as long as nobody changes its settings.
 
     The `_mta-sts` TXT query also has an asyncio form (`sts_record_async`) for the daemon: it is
     the first step of every resolution and the one that hangs for domains whose DNS never
     answers, so on the event loop a flood of those costs sockets and timers, not worker threads.
-    Both forms share one mapping from DNS answers and errors to results (`_dns_errors`, `_parse_txt`).
+    Both forms share one mapping from DNS answers and errors to results (`_dns_errors`, base.sts_answer).
     """
 
     def __init__(self, settings: DnsSettings = DnsSettings()) -> None:
@@ -152,12 +132,12 @@ class Discovery:
         with _dns_errors(name, rdtype):
             return self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=True)
 
-    def _parsed_txt(self, name: str, parse: Callable[[list[bytes]], T]) -> tuple[T, int]:
-        return _parse_txt(self._query(name, "TXT"), parse)
+    def _txt(self, name: str) -> tuple[list[bytes], int]:
+        return _txt_rrs(self._query(name, "TXT"))
 
     def sts_record(self, domain: str) -> StsAnswer:
         """RFC 8461 §3.1: the policy record of `domain`; CNAMEs are followed by the resolver."""
-        return StsAnswer(*self._parsed_txt(_sts_name(domain), select_record))
+        return sts_answer(*self._txt(_sts_name(domain)))
 
     async def sts_record_async(self, domain: str) -> StsAnswer:
         """sts_record on the running event loop (dnspython's asyncio resolver): same settings, same results."""
@@ -166,11 +146,11 @@ class Discovery:
         name = _sts_name(domain)
         with _dns_errors(name, "TXT"):
             answer = await self._async_resolver.resolve(name, "TXT", search=False, raise_on_no_answer=True)
-        return StsAnswer(*_parse_txt(answer, select_record))
+        return sts_answer(*_txt_rrs(answer))
 
     def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
         """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
-        return TlsRptAnswer(*self._parsed_txt(f"_smtp._tls.{domain}.", parse_tlsrpt))
+        return tlsrpt_answer(*self._txt(f"_smtp._tls.{domain}."))
 
     def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of `host`; NoRecord if it has neither."""

@@ -18,7 +18,7 @@ import requests.adapters
 
 from mtasts_policyd.core.errors import CertificateInvalid, FetchError, MtaStsError
 from mtasts_policyd.core.limits import limits
-from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.base import Discovery
 from mtasts_policyd.net.trust import TrustStore, trust_store
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
@@ -104,6 +104,17 @@ def _certificate_error(exc: BaseException) -> str | None:
 
 
 class PolicyFetcher:
+    """The `Fetcher` seam (base.py) over requests: one RFC 8461 §3.3 GET per call.
+
+    Why a class of its own rather than `requests.get`: the policy host must be reached at the
+    address our own DNS settings give (`discovery.addresses`, so one resolver configuration
+    governs everything the daemon learns) while TLS checks the certificate for mta-sts.<domain>,
+    against one trust store decided once (trust.py). What it guarantees: TLS 1.2 or later with a
+    verified chain and name, no redirects, no proxies, status 200 and text/plain only, at most
+    `max_size` bytes within `timeout`; every failure is a FetchError, or CertificateInvalid when
+    the certificate is at fault. Thread-safe: each fetch has its own session.
+    """
+
     def __init__(self, discovery: Discovery, settings: FetchSettings = FetchSettings()) -> None:
         self._discovery = discovery
         self._settings = settings

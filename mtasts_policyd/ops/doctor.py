@@ -24,7 +24,7 @@ import dns.exception
 from mtasts_policyd.core.errors import MtaStsError, NoRecord
 from mtasts_policyd.frontends import netstring
 from mtasts_policyd.frontends.listeners import Address, parse_address
-from mtasts_policyd.net.dns import Discovery, DnsSettings
+from mtasts_policyd.net.dns import DnsDiscovery, DnsSettings
 from mtasts_policyd.net.https import tls_context
 from mtasts_policyd.net.trust import (
     TrustStore,
@@ -183,7 +183,7 @@ def check_resolver(dns_settings: DnsSettings) -> list[Finding]:
     change = "point dns.nameservers at a working resolver" + ("" if dns_settings.nameservers
                                                               else " or mend /etc/resolv.conf")
     try:
-        servers = Discovery(dns_settings).root_servers()
+        servers = DnsDiscovery(dns_settings).root_servers()
     except NoRecord as exc:
         return [ok("resolver", f"{where} answers ({exc.detail})")]
     except MtaStsError as exc:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from mtasts_policyd import __version__
 from mtasts_policyd.core.errors import FailureKind
 from mtasts_policyd.resolution.resolver import Outcome
+from mtasts_policyd.resolution.service import DROP_REASONS
 
 if TYPE_CHECKING:
     from mtasts_policyd.resolution.resolver import Decision
@@ -38,7 +39,6 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    1.0, 2.5, 5.0, 10.0, 30.0)
 OVERRIDE_ACTIONS = ("ignore", "enforce")
 REFRESH_OUTCOMES = tuple(outcome.value for outcome in Outcome)
-DROP_REASONS = ("busy", "timeout", "abandoned", "stopping")  # service.py: resolutions not seen through
 
 Sample = tuple[dict[str, str], float]
 Family = tuple[str, str, str, Iterable[Sample]]  # name, type, help, samples
@@ -69,7 +69,7 @@ class FrontEndMetrics:
         if decision is None:
             self.lookups[answer, "none"] += 1
         else:
-            self.lookups[answer, decision.cache._value_] += 1  # a plain attribute; Enum.value is a property
+            self.lookups[answer, decision.state._value_] += 1  # a plain attribute; Enum.value is a property
             if decision.override is not None:
                 self.overrides[decision.override.action] += 1
         if elapsed:

@@ -1,12 +1,13 @@
-"""`mtasts-policyd survey FILE`: what a list of domains publishes for MTA-STS and TLSRPT, as a table.
+"""`mtasts-policyd survey FILE`: what a list of domains publishes for MTA-STS and TLSRPT, as a table
+(commands/survey.py is its command line).
 
 Why it exists: deploying MTA-STS goes wrong in a few recurring ways (an id with a hyphen, a
 policy host without a valid certificate, a mode spelled `enforced`, and most often mx patterns
 that do not cover the real MX hosts). Operators want to see that for their own domains, or for
 the domains they send most mail to, before relying on `enforce`.
 
-A survey is read-only by default: it asks DNS and HTTPS directly (Discovery, PolicyFetcher) and
-never opens the daemon's cache, so it can run anywhere, next to a live daemon or not. With
+A survey is read-only by default: it asks DNS and HTTPS directly (the network seams, through the
+same look-up as resolution: net/lookup.py) and never opens the daemon's cache, so it can run anywhere, next to a live daemon or not. With
 `--update-cache` each domain goes through `PolicyResolver.resolve()` instead, which is the
 daemon's own algorithm, so the rows show what the daemon now holds and the cache is warmed.
 
@@ -16,31 +17,22 @@ same vocabulary as logs and `query`, and the summary counts kinds, not free text
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
 import io
 import json
-import sys
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import IO, Any, TypeVar
+from typing import Any
 
-from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError, NoRecord
-from mtasts_policyd.core.policy import Mode, Policy, parse_policy
+from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
+from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.core.tlsrpt_record import TlsRptRecord
-from mtasts_policyd.net.dns import Discovery
-from mtasts_policyd.net.https import PolicyFetcher
-from mtasts_policyd.ops.domainlist import read_domain_list
+from mtasts_policyd.net.base import Discovery, Fetcher
+from mtasts_policyd.net.lookup import TXT_KINDS, get_policy, mail_hosts
 from mtasts_policyd.resolution.resolver import PolicyResolver
-from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.runtime.daemon import CacheMissing, build_resolver, require_cache
 
 FORMATS = ("markdown", "csv", "json")
 DEFAULT_CONCURRENCY = 16
-# Failures that come from the `_mta-sts` TXT lookup (RFC 8461 §3.1); the others from the fetch.
-TXT_KINDS = frozenset({FailureKind.NO_RECORD, FailureKind.INVALID_RECORD, FailureKind.DNS_TEMPORARY})
 # Where a domain's survey can end up: a policy mode, or the failure that left it without one.
 OUTCOMES = tuple(mode.value for mode in Mode) + tuple(kind.value for kind in FailureKind)
 TLSRPT_STATES = ("valid", FailureKind.NO_RECORD.value, FailureKind.INVALID_RECORD.value,
@@ -117,9 +109,9 @@ class SurveySummary:
 
 
 class Surveyor:
-    """Surveys one domain per call; thread-safe (Discovery, PolicyFetcher and the resolver are)."""
+    """Surveys one domain per call; thread-safe (the network seams and the resolver are)."""
 
-    def __init__(self, discovery: Discovery, fetcher: PolicyFetcher | None = None,
+    def __init__(self, discovery: Discovery, fetcher: Fetcher | None = None,
                  resolver: PolicyResolver | None = None) -> None:
         if (fetcher is None) == (resolver is None):
             raise ValueError("give a fetcher (read-only survey) or a resolver (--update-cache), not both")
@@ -135,20 +127,17 @@ class Surveyor:
         """RFC 8461 §3.1 then §3.3, as a sender would do them: no valid TXT record, no fetch."""
         assert self._fetcher is not None
         try:
-            answer = self._discovery.sts_record(domain)
+            found = get_policy(domain, self._discovery, self._fetcher)
         except MtaStsError as exc:
             return SurveyRow(domain, txt_failure=exc.failure)
-        row = SurveyRow(domain, txt_record=answer.record.text, policy_id=answer.record.id)
-        try:
-            policy = parse_policy(self._fetcher.fetch(domain))
-        except MtaStsError as exc:
-            return replace(row, policy_failure=exc.failure)
-        return replace(row, policy=policy)
+        record = found.answer.record
+        return SurveyRow(domain, txt_record=record.text, policy_id=record.id, policy=found.policy,
+                         policy_failure=found.error.failure if found.error is not None else None)
 
     def _via_resolver(self, domain: str) -> SurveyRow:
         """The daemon's view after asking now: a kept policy shows with the failure that kept it."""
         assert self._resolver is not None
-        decision = self._resolver.resolve(domain)
+        decision = self._resolver.resolve(domain).decision
         failure = decision.failure
         txt_failure = failure if failure is not None and failure.kind in TXT_KINDS else None
         policy_failure = failure if failure is not None and failure.kind not in TXT_KINDS else None
@@ -164,12 +153,9 @@ class Surveyor:
         if row.policy is None or row.policy.mode is Mode.NONE:
             return row
         try:
-            hosts, _ = self._discovery.mx_hosts(row.domain)
-        except NoRecord:
-            hosts = [row.domain]  # RFC 5321 §5.1: no MX record means the domain itself
+            hosts, _ = mail_hosts(self._discovery, row.domain)  # RFC 5321 §5.1, RFC 7505
         except MtaStsError as exc:
             return replace(row, mx_failure=exc.failure)
-        hosts = [host for host in hosts if host != "."]  # RFC 7505 null MX: "no mail here"
         unmatched = tuple(host for host in hosts if not row.policy.matches(host))
         return replace(row, mx_hosts=tuple(hosts), mx_unmatched=unmatched)
 
@@ -179,67 +165,6 @@ class Surveyor:
             return replace(row, tlsrpt=self._discovery.tlsrpt_record(row.domain).record)
         except MtaStsError as exc:
             return replace(row, tlsrpt_failure=exc.failure)
-
-
-# ----- running many ---------------------------------------------------------------------------
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def run_bounded(work: Callable[[T], R], items: Sequence[T], concurrency: int,
-                on_done: Callable[[], None] | None = None) -> list[R]:
-    """`work` over `items` with at most `concurrency` running at once; results in item order.
-
-    A bounded pool keeps a long list from opening thousands of DNS and TLS connections at once
-    (the remote servers and our file descriptors both have limits).
-    """
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="survey")
-    try:
-        futures: list[Future[R]] = [pool.submit(work, item) for item in items]
-        for _ in as_completed(futures):
-            if on_done is not None:
-                on_done()
-        results = [future.result() for future in futures]
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C must not wait for the whole list
-        raise
-    pool.shutdown()
-    return results
-
-
-class ProgressBar:
-    """One line on stderr, redrawn in place. Only for a terminal: in a pipe or a log file the
-    carriage returns would be noise, so `for_stream` gives None there."""
-
-    WIDTH = 30
-
-    def __init__(self, total: int, stream: IO[str]) -> None:
-        self.total = total
-        self.done = 0
-        self._stream = stream
-        self._draw()
-
-    @classmethod
-    def for_stream(cls, total: int, stream: IO[str]) -> ProgressBar | None:
-        isatty = getattr(stream, "isatty", None)
-        return cls(total, stream) if total and isatty is not None and isatty() else None
-
-    def advance(self) -> None:
-        self.done += 1
-        self._draw()
-
-    def _draw(self) -> None:
-        filled = self.WIDTH * self.done // self.total
-        bar = "#" * filled + "." * (self.WIDTH - filled)
-        self._stream.write(f"\rsurvey [{bar}] {self.done}/{self.total}")
-        self._stream.flush()
-
-    def close(self) -> None:
-        self._stream.write("\n")
-        self._stream.flush()
 
 
 # ----- output ---------------------------------------------------------------------------------
@@ -410,85 +335,3 @@ def render_markdown(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
     lines.append("")
     lines += _markdown_table(("summary", "domains"), ((label, str(n)) for label, n in summary_lines(summary)))
     return "\n".join(lines) + "\n"
-
-
-# ----- command line ---------------------------------------------------------------------------
-
-
-def register(sub: Any) -> None:
-    """Add `survey` to the command line (cli.COMMANDS)."""
-    from mtasts_policyd.commands.main import (  # here, not at the top: cli imports this module
-        add_common_options,
-        concurrency,
-    )
-
-    parser = sub.add_parser(
-        "survey", help="report what a list of domains publishes for MTA-STS and TLSRPT",
-        description="For each domain in FILE (one per line, '#' comments, '-' for stdin): the _mta-sts "
-                    "TXT record, the policy fetch, mode, mx patterns, max_age, whether the real MX hosts "
-                    "match the patterns, and the _smtp._tls TLSRPT record; then a summary. Reads no cache "
-                    "and writes none unless --update-cache. Exits non-zero only on a usage error.")
-    add_common_options(parser)
-    parser.add_argument("file", metavar="FILE", help="domains, one per line; '-' reads standard input")
-    parser.add_argument("--format", choices=FORMATS, default="markdown",
-                        help="markdown table (default), csv (summary on stderr) or json")
-    parser.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
-    parser.add_argument("--concurrency", type=concurrency, default=DEFAULT_CONCURRENCY, metavar="N",
-                        help=f"domains surveyed at once (default {DEFAULT_CONCURRENCY})")
-    parser.add_argument("--update-cache", action="store_true",
-                        help="resolve through the daemon's cache (--cache / cache.path) and update it")
-    parser.set_defaults(handler=run)
-
-
-def _surveyor(config: Config, update_cache: bool, stack: contextlib.ExitStack) -> Surveyor:
-    """Without --update-cache nothing opens the cache file, so a survey never creates or locks
-    the daemon's cache; with it, the daemon's own wiring (same cache path, same settings)."""
-    discovery = Discovery(config.dns)
-    if not update_cache:
-        return Surveyor(discovery, fetcher=PolicyFetcher(discovery, config.fetch))
-    resolver = build_resolver(config)
-    stack.callback(resolver.cache.close)
-    return Surveyor(discovery, resolver=resolver)
-
-
-def survey_domains(config: Config, domains: Sequence[str], *, update_cache: bool = False,
-                   concurrency: int = DEFAULT_CONCURRENCY) -> list[SurveyRow]:
-    """Survey `domains` (in order), with a progress bar when stderr is a terminal."""
-    with contextlib.ExitStack() as stack:
-        surveyor = _surveyor(config, update_cache, stack)
-        progress = ProgressBar.for_stream(len(domains), sys.stderr)
-        rows = run_bounded(surveyor.survey, domains, concurrency, progress.advance if progress else None)
-        if progress is not None:
-            progress.close()
-    return rows
-
-
-def write_report(output: IO[str], rows: Sequence[SurveyRow], fmt: str) -> None:
-    """Markdown and JSON carry their summary; CSV keeps one table and puts the summary on stderr."""
-    summary = SurveySummary.of(rows)
-    if fmt == "json":
-        output.write(render_json(rows, summary))
-    elif fmt == "csv":
-        output.write(render_csv(rows))
-        sys.stderr.write(render_summary_csv(summary))
-    else:
-        output.write(render_markdown(rows, summary))
-    output.flush()
-
-
-def run(args: argparse.Namespace, config: Config) -> int:
-    """The `survey` handler: 0 when every domain was surveyed, 2 on a usage error."""
-    with contextlib.ExitStack() as stack:
-        try:  # all checked before any network work, so a typo costs nothing
-            if args.update_cache:
-                require_cache(config)  # only `serve` and `cache import` create the cache
-            domains = read_domain_list(args.file)
-            output = (stack.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
-                      if args.output else sys.stdout)
-        except (OSError, ValueError, CacheMissing) as exc:  # DomainListError is a ValueError
-            for problem in str(exc).splitlines():
-                print(f"mtasts-policyd survey: {problem}", file=sys.stderr)
-            return 2
-        rows = survey_domains(config, domains, update_cache=args.update_cache, concurrency=args.concurrency)
-        write_report(output, rows, args.format)
-    return 0

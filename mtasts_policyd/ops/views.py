@@ -45,7 +45,7 @@ def decision_view(key: str, decision: Decision | None, answer: str, resolver: Po
         return result
     if decision.override is not None:
         o = decision.override
-        result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.cache.value,
+        result.update({"domain": decision.domain, "reason": decision.reason, "cache": decision.state.value,
                        "override": {"action": o.action, "reason": o.reason, "expires_at": iso_time(o.expires_at)}})
         if decision.policy is not None:
             result.update({"mode": decision.policy.mode.value, "mx": list(decision.policy.mx)})
@@ -56,7 +56,7 @@ def decision_view(key: str, decision: Decision | None, answer: str, resolver: Po
     result.update({
         "domain": decision.domain,
         "reason": decision.reason,
-        "cache": decision.cache.value,
+        "cache": decision.state.value,
         "txt_record": entry.txt_record if entry else None,
         "policy_id": decision.policy_id,
         **policy_fields(shown),

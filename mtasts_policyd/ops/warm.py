@@ -1,4 +1,4 @@
-"""The cache warmer: `mtasts-policyd warm`, run from cron or a systemd timer.
+"""The cache warmer: what `mtasts-policyd warm` does (commands/warm.py is its command line).
 
 It refreshes cached policies before they expire (RFC 8461 §10.2: fetch again regularly even when
 the id is unchanged, so that max_age restarts from the new fetch), re-checks TXT ids, and resolves
@@ -8,37 +8,25 @@ All cache writes go through `PolicyResolver.resolve()`, so the warmer follows th
 the daemon: a failure never replaces a usable policy, back-off after failures is stored per
 domain, and a write that races another process (daemon, second warmer) is merged, not lost. Each
 domain's result is one SQLite statement in WAL mode, so killing the warmer at any moment leaves
-the cache consistent.
-
-The logic is plain functions; `register()` adds the command to the CLI.
+the cache consistent. What happened to a domain is the resolution's outcome; the warmer adds what
+only it knows (it skipped the domain, the policy it held before) and the alerts that follow.
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import logging
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, TextIO
 
-from mtasts_policyd.core.errors import FailureKind
 from mtasts_policyd.core.policy import Mode, Policy
-from mtasts_policyd.ops.domainlist import DomainListError, read_domain_list
+from mtasts_policyd.ops.pool import run_bounded
 from mtasts_policyd.ops.views import iso_time
-from mtasts_policyd.resolution.resolver import PolicyResolver
-from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.runtime.daemon import (
-    CacheMissing,
-    build_resolver,
-    prune_settings,
-    require_cache,
-)
+from mtasts_policyd.resolution.resolver import Outcome as Resolved
+from mtasts_policyd.resolution.resolver import PolicyResolver, Resolution
 from mtasts_policyd.store.entry import Entry
 
 log = logging.getLogger("mtasts_policyd.warm")
@@ -169,25 +157,29 @@ def warm_domain(resolver: PolicyResolver, domain: str, options: WarmOptions,
     # RFC 8461 §10.2: fetch even with an unchanged id so that max_age restarts. A copy younger than
     # refetch_after and than half its max_age only gets its TXT id checked (resolve() fetches on a
     # new id); a domain without a policy gets the TXT check too, and a fetch if a record appeared.
-    refetch = stored is not None and before is not None and (
-        before.fetched_at is None or now - before.fetched_at >= min(options.refetch_after, stored.max_age / 2))
-    resolver.resolve(domain, refetch=refetch)
+    refetch = before is not None and stored is not None and before.refetch_due(now, options.refetch_after)
+    resolution = resolver.resolve(domain, refetch=refetch)
     after = cache.get(domain)
     if after is None:
         return WarmResult(domain, Outcome.FAILED, "result was not stored in the cache",
                           alerts=(Alert(AlertKind.ERROR, domain, "result was not stored in the cache"),))
-    return classify(before, after, now)
+    return classify(before, resolution, after, now)
 
 
-def classify(before: Entry | None, after: Entry, now: float) -> WarmResult:
-    """Compare the entry before and after a resolution started at `now`; raise alerts."""
+def classify(before: Entry | None, resolution: Resolution, after: Entry, now: float) -> WarmResult:
+    """The warmer's outcome for a resolution started at `now`, and its alerts.
+
+    The resolution says what happened; `before` (the entry the warmer read first) tells a refresh
+    of the same policy from a change, and which alerts follow; `after` is what the cache holds now.
+    """
     domain = after.domain
     stored = before.policy if before is not None else None
     new = after.policy
     mode = new.mode if new else None
-    before_fetch = before.fetched_at if before is not None and before.fetched_at is not None else float("-inf")
-    if after.fetched_at is not None and after.fetched_at > before_fetch and new is not None:
-        if stored is not None and before is not None and after.policy_id == before.policy_id and new == stored:
+    outcome = resolution.outcome
+    if outcome in (Resolved.FETCHED, Resolved.CHANGED) and new is not None:
+        if outcome is Resolved.FETCHED and stored is not None and before is not None \
+                and after.policy_id == before.policy_id and new == stored:
             return WarmResult(domain, Outcome.REFRESHED, f"expires {_time(after.expires_at)}", after.policy_id, mode)
         old_id = before.policy_id if before is not None and before.policy_id else "-"
         detail = f"id {old_id} -> {after.policy_id}"
@@ -197,21 +189,19 @@ def classify(before: Entry | None, after: Entry, now: float) -> WarmResult:
             detail += f", mode {new.mode.value} (first policy)"
         return WarmResult(domain, Outcome.CHANGED, detail, after.policy_id, mode,
                           _policy_alerts(domain, stored, new, old_id, after.policy_id or "-"))
-    failed_now = after.failure is not None and after.failure_at is not None and after.failure_at >= now
-    if failed_now and after.failure is not None:
-        usable = after.usable_policy(now)
-        detail = str(after.failure)
-        if usable is not None:
+    failure = resolution.decision.failure
+    if outcome is Resolved.NO_POLICY and failure is not None:
+        return WarmResult(domain, Outcome.UNCHANGED, f"no policy ({failure.kind.value})")
+    if outcome in (Resolved.KEPT, Resolved.FAILED) and failure is not None:
+        detail = str(failure)
+        if after.usable_policy(now) is not None:
             detail += f"; keeping id {after.policy_id} until {_time(after.expires_at)}"
-        alerts = _not_refreshed(before, now, str(after.failure)) if before is not None else ()
-        if after.failure.kind in (FailureKind.NO_RECORD, FailureKind.INVALID_RECORD):
-            if usable is None:
-                return WarmResult(domain, Outcome.UNCHANGED, f"no policy ({after.failure.kind.value})")
-            # RFC 8461 §5.1: a vanished or broken TXT record keeps the cached policy, whatever its
-            # mode, until it expires; not a failure (§8.3 withdraws a policy exactly so), but an
-            # enforce policy that will not be refreshed is worth an alert.
-            return WarmResult(domain, Outcome.KEPT, detail, after.policy_id, mode, alerts)
-        return WarmResult(domain, Outcome.FAILED, detail, after.policy_id, mode, alerts)
+        alerts = _not_refreshed(before, now, str(failure)) if before is not None else ()
+        # RFC 8461 §5.1: a vanished or broken TXT record keeps the cached policy, whatever its mode,
+        # until it expires; not a failure (§8.3 withdraws a policy exactly so), but an enforce
+        # policy that will not be refreshed is worth an alert.
+        kept = outcome is Resolved.KEPT
+        return WarmResult(domain, Outcome.KEPT if kept else Outcome.FAILED, detail, after.policy_id, mode, alerts)
     if after.usable_policy(now) is not None:
         return WarmResult(domain, Outcome.UNCHANGED, f"id {after.policy_id} unchanged", after.policy_id, mode)
     return WarmResult(domain, Outcome.UNCHANGED, "no policy")
@@ -264,135 +254,17 @@ def warm(resolver: PolicyResolver, domains: Sequence[str], options: WarmOptions,
             return WarmResult(domain, Outcome.FAILED, f"internal error: {exc!r}",
                               alerts=(Alert(AlertKind.ERROR, domain, f"internal error: {exc!r}"),))
 
-    with ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="warm") as pool:
-        futures: list[Future[WarmResult | None]] = [pool.submit(task, d) for d in domains]
-        try:
-            for future in as_completed(futures):
-                result = future.result()
-                if result is None:
-                    continue
-                summary.results.append(result)
-                if on_result is not None:
-                    on_result(result, len(summary.results), summary.total)
-        except KeyboardInterrupt:
-            stop.set()
-            for future in futures:
-                future.cancel()
-        if stop.is_set():
-            summary.interrupted = True
+    def collect(result: WarmResult | None) -> None:
+        if result is None:
+            return
+        summary.results.append(result)
+        if on_result is not None:
+            on_result(result, len(summary.results), summary.total)
+
+    try:
+        run_bounded(task, domains, options.concurrency, collect, stop=stop, name="warm")
+    except KeyboardInterrupt:
+        pass  # run_bounded set `stop` and waited for the domains in flight
+    if stop.is_set():
+        summary.interrupted = True
     return summary
-
-
-# ----- command line -----------------------------------------------------------------------------
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
-    return value
-
-
-def register(sub: Any) -> None:
-    from mtasts_policyd.commands.main import (  # here, not at import: cli imports this module
-        add_common_options,
-        concurrency,
-    )
-
-    parser = sub.add_parser(
-        "warm", help="refresh cached policies before they expire (cron, systemd timer)",
-        description="Refresh the policies of recently looked-up domains (RFC 8461 §10.2: fetch again even "
-                    "with an unchanged id, so max_age restarts), re-check TXT ids, and resolve hint-list "
-                    "domains. Prints a summary line; alerts go to stderr as 'ALERT kind=... domain=... "
-                    "detail=...' lines.",
-        epilog="exit status: 0 no alerts, 1 alerts (enforce policy not refreshed, enforce downgraded, "
-               "mx patterns changed, cache unusable), 2 usage error, 130 interrupted")
-    add_common_options(parser)
-    parser.add_argument("--recent", type=_non_negative, default=7.0, metavar="DAYS",
-                        help="warm cached domains looked up within DAYS (default 7)")
-    parser.add_argument("--all", dest="all_policies", action="store_true",
-                        help="also every cached domain with a policy, looked up recently or not")
-    parser.add_argument("--domains", action="append", default=[], metavar="FILE",
-                        help="hint list: one domain per line, '#' comments; '-' is stdin; repeatable")
-    parser.add_argument("--concurrency", type=concurrency, default=8, metavar="N",
-                        help="domains worked on at once (default 8)")
-    parser.add_argument("--jitter", type=_non_negative, default=2.0, metavar="SECONDS",
-                        help="random delay of up to SECONDS before each domain (default 2)")
-    parser.add_argument("--refetch-after", type=_non_negative, default=43200.0, metavar="SECONDS",
-                        help="refetch policies fetched longer ago than this or than half their max_age; "
-                             "younger copies only get their TXT id checked (default 43200)")
-    parser.add_argument("--force", action="store_true", help="ignore back-off after recent failures")
-    parser.add_argument("-v", "--verbose", action="store_true", help="one line per domain on stdout")
-    parser.set_defaults(handler=run_warm)
-
-
-class _Progress:
-    """`[done/total] domain` on one rewritten stderr line, only when stderr is a terminal."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-
-    def show(self, done: int, total: int, domain: str) -> None:
-        if self.enabled:
-            self.stream.write(f"\r[{done}/{total}] {domain}\033[K")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-def _unusable_cache(detail: str) -> int:
-    """A run that cannot work on the daemon's cache: an error alert, the summary line, exit 1."""
-    alert = Alert(AlertKind.ERROR, "-", detail)
-    print(alert.line(), file=sys.stderr)
-    print(Summary(0, run_alerts=[alert]).line())
-    return 1
-
-
-def run_warm(args: argparse.Namespace, config: Config) -> int:
-    if args.log_level is None:  # a cron job's mail should hold the summary and alerts, not info logs
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-    hints: list[str] = []
-    try:  # like `survey`: the same hint list means the same to both commands
-        for name in args.domains:
-            hints.extend(read_domain_list(name))
-    except DomainListError as exc:
-        for problem in str(exc).splitlines():
-            print(f"mtasts-policyd warm: {problem}", file=sys.stderr)
-        return 2
-    options = WarmOptions(recent=args.recent * DAY, all_policies=args.all_policies, concurrency=args.concurrency,
-                          jitter=args.jitter, force=args.force, refetch_after=args.refetch_after)
-    try:
-        require_cache(config)
-    except CacheMissing as exc:
-        return _unusable_cache(f"{exc}; nothing warmed")
-    resolver = build_resolver(config)
-    try:
-        if not resolver.cache.persistent:
-            return _unusable_cache(f"cache {resolver.cache.path} cannot be opened; nothing warmed")
-        domains = select_domains(resolver.cache.entries(), time.time(), options, hints)
-        progress = _Progress(sys.stderr)
-
-        def report(result: WarmResult, done: int, total: int) -> None:
-            if result.alerts:
-                progress.clear()
-                for alert in result.alerts:
-                    print(alert.line(), file=sys.stderr, flush=True)
-            if args.verbose:
-                progress.clear()
-                print(result.line(), flush=True)
-            progress.show(done, total, result.domain)
-
-        summary = warm(resolver, domains, options, on_result=report)
-        progress.clear()
-        resolver.cache.prune(time.time(), prune_settings(config))  # README "Cache size"
-    finally:
-        resolver.cache.close()
-    print(summary.line(), flush=True)
-    return summary.exit_code

@@ -4,9 +4,13 @@ Two entry points with one rule each:
 - `cached()` answers from the cache alone and says whether a refresh is due; the lookup path
   calls it so that no lookup waits on the network while a usable answer exists.
 - `resolve()` asks the network and updates the cache; it runs in a worker thread, either for a
-  lookup that has nothing usable cached, or in the background.
+  lookup that has nothing usable cached, or in the background. It returns a `Resolution`: the
+  decision and what was done (an `Outcome`), for the log line, the metrics, `warm` and `survey`.
 A failure never replaces a usable cached policy (§5.1); a domain that failed is not asked again
 before its back-off ends (§3.3 suggests at least 5 minutes for a failed fetch).
+
+The network comes in through the seams of net/base.py and the shared look-up of net/lookup.py;
+counters are handed in (`ResolutionCounters`), so nothing here knows a metrics registry.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from mtasts_policyd.core.errors import (
 )
 from mtasts_policyd.core.limits import limits
 from mtasts_policyd.core.overrides import Override
-from mtasts_policyd.core.policy import Mode, Policy, parse_policy
-from mtasts_policyd.net.dns import Discovery, StsAnswer
-from mtasts_policyd.net.https import PolicyFetcher
+from mtasts_policyd.core.policy import Mode, Policy
+from mtasts_policyd.net.base import Discovery, Fetcher, StsAnswer
+from mtasts_policyd.net.lookup import get_policy, mail_hosts
 from mtasts_policyd.net.trust import TrustStore
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.entry import Entry, merge
@@ -45,45 +49,13 @@ class CacheState(enum.Enum):
     MISS = "miss"  # asked the network now
 
 
-class Outcome(enum.Enum):
-    """What a network resolution did (issue 8 contract; helper B's version replaces this one)."""
-
-    FETCHED = "fetched"
-    CHANGED = "changed"
-    UNCHANGED = "unchanged"
-    KEPT = "kept"
-    NO_POLICY = "no-policy"
-    FAILED = "failed"
-
-
-class ResolutionCounters(Protocol):
-    """What the resolver counts; handed in (ops/metrics.py implements it for Prometheus)."""
-
-    def fetched(self, result: str) -> None: ...  # "ok" or a FailureKind value
-
-    def resolved(self, outcome: Outcome) -> None: ...
-
-    def refresh_failed(self, kind: str) -> None: ...  # a FailureKind value
-
-
-class _NoCounts:
-    def fetched(self, result: str) -> None:
-        pass
-
-    def resolved(self, outcome: Outcome) -> None:
-        pass
-
-    def refresh_failed(self, kind: str) -> None:
-        pass
-
-
 @dataclass(frozen=True)
 class Decision:
     """What is known about a domain at lookup time; front ends translate it, nothing more."""
 
     domain: str
     policy: Policy | None
-    cache: CacheState
+    state: CacheState  # where the answer came from (README "Metrics": the `cache` label)
     policy_id: str | None = None
     failure: Failure | None = None  # why there is no policy, or the last refresh failure
     fetched_at: float | None = None
@@ -103,6 +75,59 @@ class Decision:
         if self.policy is not None:
             return f"policy-{self.policy.mode.value}"
         return self.failure.kind.value if self.failure else "no-policy"
+
+
+class Outcome(enum.Enum):
+    """What one network resolution did (README "Metrics": mtasts_refreshes_total{outcome})."""
+
+    FETCHED = "fetched"  # a policy fetched: the first for the domain, or again with the same id
+    CHANGED = "changed"  # a policy fetched for a new id; it replaces the cached one
+    UNCHANGED = "unchanged"  # the TXT id checked and unchanged: nothing fetched
+    KEPT = "kept"  # the TXT record is gone or broken: the cached policy stays until it expires (§5.1)
+    NO_POLICY = "no-policy"  # no or an invalid TXT record, and no usable policy cached
+    FAILED = "failed"  # DNS or HTTPS failed: back-off; a usable cached policy is kept (§5.1)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The result of `PolicyResolver.resolve()`: the decision, and what the resolution did to get it."""
+
+    decision: Decision
+    outcome: Outcome
+    previous_id: str | None = None  # the policy id before, when it changed
+
+    @property
+    def outcome_text(self) -> str:
+        """The outcome as the refresh log line gives it: `changed from id=1` (README "Logs")."""
+        if self.outcome is Outcome.CHANGED:
+            return f"{self.outcome.value} from id={self.previous_id}"
+        return self.outcome.value
+
+
+class ResolutionCounters(Protocol):
+    """What the resolver counts, handed in (ops/metrics.py implements it for the daemon)."""
+
+    def fetched(self, result: str) -> None:
+        """One HTTPS policy fetch: "ok" or a FailureKind value."""
+
+    def resolved(self, outcome: Outcome) -> None:
+        """One network resolution and its outcome."""
+
+    def refresh_failed(self, kind: str) -> None:
+        """A resolution that failed and started a back-off: a FailureKind value."""
+
+
+class _NoCounters:
+    """Counts nothing: commands other than `serve` export no metrics (README "Metrics")."""
+
+    def fetched(self, result: str) -> None:
+        pass
+
+    def resolved(self, outcome: Outcome) -> None:
+        pass
+
+    def refresh_failed(self, kind: str) -> None:
+        pass
 
 
 SECONDS_MAX = 31557600  # a year: RFC 8461 §3.2's largest max_age; longer bounds mean nothing
@@ -134,12 +159,12 @@ def _clamp(value: int | None, low: int, high: int) -> int:
     return max(low, min(high, value if value is not None else low))
 
 
-def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
+def decision_from(entry: Entry, now: float, state: CacheState) -> Decision:
     """The decision at `now`; a MISS is the resolution that just ran, which applies what it fetched."""
     return Decision(
         domain=entry.domain,
-        policy=entry.usable_policy(now, resolving=cache is CacheState.MISS),
-        cache=cache,
+        policy=entry.usable_policy(now, resolving=state is CacheState.MISS),
+        state=state,
         policy_id=entry.policy_id,
         failure=entry.failure,
         fetched_at=entry.fetched_at,
@@ -149,17 +174,30 @@ def decision_from(entry: Entry, now: float, cache: CacheState) -> Decision:
 
 
 class PolicyResolver:
-    def __init__(self, cache: PolicyCache, discovery: Discovery, fetcher: PolicyFetcher,
+    """The daemon's one algorithm for what to answer about a domain, shared by every front end
+    and by `query`, `warm` and `survey --update-cache`, so that they all follow the same rules.
+
+    Why a class: it ties the cache, the network seams (Discovery, Fetcher), the settings, the
+    operator's overrides and the clock together, and those change at runtime (reload) or in
+    tests (a settable clock, in-memory fakes). What it guarantees: an override wins over
+    everything; a usable cached policy is never replaced by a failure (RFC 8461 §5.1) nor
+    dropped before max_age; "no record" is cached for its negative TTL, "could not ask" never is;
+    a failed domain is not asked again before its back-off ends (§3.3); every result is written
+    through the cache's version check, merged with another process's newer fetch. Thread-safe as
+    the cache and the seams are: `resolve()` runs in worker threads.
+    """
+
+    def __init__(self, cache: PolicyCache, discovery: Discovery, fetcher: Fetcher,
                  settings: ResolverSettings = ResolverSettings(),
                  clock: Callable[[], float] = time.time, overrides: dict[str, Override] | None = None,
                  counters: ResolutionCounters | None = None) -> None:
         self.cache = cache
-        self.counters: ResolutionCounters = counters if counters is not None else _NoCounts()
         self._discovery = discovery
         self._fetcher = fetcher
         self.settings = settings
         self._clock = clock
         self.overrides = overrides or {}  # replaced as a whole on reload (SIGHUP)
+        self._counters: ResolutionCounters = counters if counters is not None else _NoCounters()
         # The decision last built from each cached entry: a hit returns the same object until the
         # entry is replaced (the lookup path runs on one thread: no lock).
         self._decisions: dict[str, tuple[Entry, CacheState, Decision]] = {}
@@ -209,26 +247,30 @@ class PolicyResolver:
     def discovery(self) -> Discovery:
         return self._discovery
 
-    def resolve(self, domain: str, refetch: bool = False, txt: StsAnswer | MtaStsError | None = None) -> Decision:
-        """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision.
+    def resolve(self, domain: str, refetch: bool = False, txt: StsAnswer | MtaStsError | None = None) -> Resolution:
+        """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision
+        and what was done to get it.
 
         `refetch`: fetch the policy even if its id is unchanged (RFC 8461 §10.2, the warmer), so
         that max_age restarts from this fetch.
         `txt`: the `_mta-sts` TXT answer (or its failure) when the caller already asked for it (the
         daemon asks on its event loop, `Discovery.sts_record_async`); None asks here.
+        An overridden domain asks nothing: its resolution is UNCHANGED with the override's decision.
         """
         now = self._clock()
         overridden = self._overridden(domain, now)
         if overridden is not None:
-            return overridden
-        entry, outcome = self._refresh_policy(self.cache.get(domain) or Entry(domain), now, refetch, txt)
+            return Resolution(overridden, Outcome.UNCHANGED)
+        before = self.cache.get(domain) or Entry(domain)
+        entry, outcome = self._refresh_policy(before, now, refetch, txt)
         entry = self._commit(self._refresh_mx(entry, now))
         decision = decision_from(entry, now, CacheState.MISS)
-        self.counters.resolved(Outcome(outcome.split(" ", 1)[0]))  # "changed from id=..." -> changed
+        resolution = Resolution(decision, outcome, before.policy_id if outcome is Outcome.CHANGED else None)
+        self._counters.resolved(outcome)
         detail = f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else ""
-        log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", domain, outcome, decision.reason,
+        log.info("refresh domain=%s outcome=%s reason=%s id=%s%s", domain, resolution.outcome_text, decision.reason,
                  entry.policy_id or "-", detail)
-        return decision
+        return resolution
 
     def _commit(self, entry: Entry) -> Entry:
         """Store the entry; when another process wrote the domain meanwhile, keep the newer policy."""
@@ -243,43 +285,40 @@ class PolicyResolver:
         return entry
 
     def _refresh_policy(self, entry: Entry, now: float, refetch: bool = False,
-                        txt: StsAnswer | MtaStsError | None = None) -> tuple[Entry, str]:
-        """The entry after asking DNS (and HTTPS when needed), and a word on what happened."""
+                        txt: StsAnswer | MtaStsError | None = None) -> tuple[Entry, Outcome]:
+        """The entry after asking DNS (and HTTPS when needed), and what happened."""
         usable = entry.usable_policy(now)
         s = self.settings
+        # RFC 8461 §3.3: an unchanged id needs no fetch, unless §10.2's regular refetch is due.
+        keep_id = entry.policy_id if usable is not None and not refetch \
+            and not entry.refetch_due(now, s.refresh_after) else None
         try:
-            if txt is None:
-                answer = self._discovery.sts_record(entry.domain)
-            elif isinstance(txt, MtaStsError):
-                raise txt
-            else:
-                answer = txt
+            found = get_policy(entry.domain, self._discovery, self._fetcher, txt, known_id=keep_id)
         except (NoRecord, InvalidRecord) as exc:
             if usable is not None:
                 # RFC 8461 §5.1: a missing or broken TXT record does not remove a cached policy.
                 return replace(entry, txt_expires_at=now + _clamp(exc.ttl, s.txt_ttl_min, s.txt_ttl_max),
-                               failure=exc.failure, failure_at=now), "kept"
+                               failure=exc.failure, failure_at=now), Outcome.KEPT
             negative = _clamp(exc.ttl, s.negative_ttl_min, s.negative_ttl_max)
             return replace(entry, negative_until=now + negative, failure=exc.failure,
-                           failure_at=now, failures=0, retry_after=0.0), "no-policy"
+                           failure_at=now, failures=0, retry_after=0.0), Outcome.NO_POLICY
         except DnsTemporaryFailure as exc:
-            return self._failed(entry, exc, now, s.dns_backoff_min), "failed"
+            return self._failed(entry, exc, now, s.dns_backoff_min), Outcome.FAILED
+        answer = found.answer
         txt_expires_at = now + _clamp(answer.ttl, s.txt_ttl_min, s.txt_ttl_max)
-        if usable is not None and answer.record.id == entry.policy_id and not refetch \
-                and not entry.refetch_due(now, s.refresh_after):
-            return replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0, retry_after=0.0), "unchanged"
-        try:
-            body = self._fetcher.fetch(entry.domain)
-            policy = parse_policy(body)
-        except MtaStsError as exc:
-            self.counters.fetched(exc.kind.value)
-            return self._failed(entry, exc, now, s.backoff_min), "failed"
-        self.counters.fetched("ok")
-        fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=body,
-                      policy=policy, fetched_at=now, txt_expires_at=txt_expires_at, last_lookup=entry.last_lookup,
-                      mx_hosts=entry.mx_hosts, version=entry.version)  # mx_expires_at 0: look at MX again
-        outcome = "fetched" if entry.policy_id in (None, answer.record.id) else f"changed from id={entry.policy_id}"
-        return fresh, outcome
+        if not found.fetched:
+            return replace(entry, txt_expires_at=txt_expires_at, failure=None, failures=0,
+                           retry_after=0.0), Outcome.UNCHANGED
+        if found.error is not None:
+            self._counters.fetched(found.error.kind.value)
+            return self._failed(entry, found.error, now, s.backoff_min), Outcome.FAILED
+        self._counters.fetched("ok")
+        fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=found.body,
+                      policy=found.policy, fetched_at=now, txt_expires_at=txt_expires_at,
+                      last_lookup=entry.last_lookup, mx_hosts=entry.mx_hosts,
+                      version=entry.version)  # mx_expires_at 0: look at MX again
+        changed = entry.policy_id not in (None, answer.record.id)
+        return fresh, Outcome.CHANGED if changed else Outcome.FETCHED
 
     def _refresh_mx(self, entry: Entry, now: float) -> Entry:
         """Keep the MX host names of a domain whose policy has "*." patterns, in step with the MX TTL.
@@ -292,11 +331,8 @@ class PolicyResolver:
         if policy is None or not policy.has_wildcards or now < entry.mx_expires_at:
             return entry
         s = self.settings
-        ttl: int | None
         try:
-            hosts, ttl = self._discovery.mx_hosts(entry.domain)
-        except NoRecord as exc:
-            hosts, ttl = [entry.domain], exc.ttl  # RFC 5321 §5.1: no MX means the domain itself
+            hosts, ttl = mail_hosts(self._discovery, entry.domain)  # RFC 5321 §5.1, RFC 7505
         except MtaStsError as exc:
             log.warning("mx domain=%s lookup failed: %s; keeping %s", entry.domain, exc.detail,
                         " ".join(entry.mx_hosts) if entry.mx_hosts else "the plain patterns")
@@ -307,7 +343,7 @@ class PolicyResolver:
         failures = entry.failures + 1
         delay = min(base * 2 ** min(failures - 1, 16), self.settings.backoff_max)
         usable = entry.usable_policy(now)
-        self.counters.refresh_failed(exc.kind.value)
+        self._counters.refresh_failed(exc.kind.value)
         log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s", entry.domain,
                     exc.kind.value, delay, usable.mode.value if usable else "nothing", exc.detail)
         return replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)

@@ -23,7 +23,7 @@ import logging
 import time
 
 from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
-from mtasts_policyd.net.dns import StsAnswer
+from mtasts_policyd.net.base import StsAnswer
 from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver
 from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
 from mtasts_policyd.store.base import PruneSettings
@@ -32,14 +32,18 @@ log = logging.getLogger("mtasts_policyd.service")
 
 LOOKUP_TIMES_FLUSH = 30.0  # seconds between batched writes of lookup times
 PRUNE_POLL = 5.0  # seconds between looks at how many rows were added since the last prune
+# Why a resolution was not seen through (README "Metrics": mtasts_resolutions_dropped_total):
+# not started (max_pending reached), a lookup answered at lookup_timeout, cancelled because every
+# waiting client left, cancelled at the drain deadline.
+DROP_REASONS = ("busy", "timeout", "abandoned", "stopping")
 
 
 class ServiceStopping(Exception):
     """The daemon is stopping: no new resolution starts, and the ones left at the deadline end."""
 
 
-class Resolution:
-    """One domain's network resolution and the lookups waiting for it."""
+class Flight:
+    """One domain's network resolution in flight and the lookups waiting for it (single flight)."""
 
     __slots__ = ("domain", "task", "background", "waiters", "deadline")
 
@@ -55,10 +59,10 @@ class PolicyService:
     def __init__(self, resolver: PolicyResolver, workers: int = 32) -> None:
         self.resolver = resolver
         self._executor = DaemonThreadPool(workers, "resolve")
-        self._pending: dict[str, Resolution] = {}
+        self._pending: dict[str, Flight] = {}
         self._seen: dict[str, float] = {}
         self.stopping = False
-        self.dropped: dict[str, int] = {}  # reason -> resolutions not seen through (event loop thread only)
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)  # reason -> count (event loop thread only)
         self.prune_settings = PruneSettings()  # cache.* keys; replaced on reload
         self.prune_interval = 600.0
 
@@ -85,18 +89,18 @@ class PolicyService:
 
     async def resolve(self, domain: str) -> Decision:
         """Wait for the domain's resolution (joining one in flight), within `lookup_timeout`."""
-        resolution = self._pending.get(domain)
-        if resolution is None:
+        flight = self._pending.get(domain)
+        if flight is None:
             if self.stopping:
                 raise ServiceStopping()
             limit = self.resolver.settings.max_pending
             if len(self._pending) >= limit:
                 return self._unanswered(domain, "busy", f"{limit} resolutions pending (resolver.max_pending)")
-            resolution = self._start(domain, background=False)
-        task = resolution.task
-        resolution.waiters += 1
+            flight = self._start(domain, background=False)
+        task = flight.task
+        flight.waiters += 1
         try:
-            timeout = resolution.deadline - asyncio.get_running_loop().time()
+            timeout = flight.deadline - asyncio.get_running_loop().time()
             done, _ = await asyncio.wait((task,), timeout=max(timeout, 0.0))
             if not done:
                 return self._unanswered(domain, "timeout", "no answer within resolver.lookup_timeout "
@@ -105,12 +109,12 @@ class PolicyService:
                 raise ServiceStopping()  # only drain() cancels a resolution somebody waits for
             return task.result()
         finally:
-            resolution.waiters -= 1
-            if resolution.waiters == 0 and not resolution.background and not task.done():
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.background and not task.done():
                 # Every client has gone (or given up): drop the work, queued or asking DNS. A thread
                 # already running it finishes and stores its result; nobody waits for it.
                 task.cancel()
-                self._forget(resolution)
+                self._forget(flight)
                 self._drop(domain, "abandoned")
 
     def _unanswered(self, domain: str, reason: str, detail: str) -> Decision:
@@ -126,13 +130,13 @@ class PolicyService:
         if reason == "abandoned" and log.isEnabledFor(logging.DEBUG):
             log.debug("resolve domain=%s cancelled: no client waits for it", domain)
 
-    def _start(self, domain: str, background: bool) -> Resolution:
+    def _start(self, domain: str, background: bool) -> Flight:
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._run(domain))
-        resolution = Resolution(domain, task, background, loop.time() + self.resolver.settings.lookup_timeout)
-        self._pending[domain] = resolution
-        task.add_done_callback(lambda t: self._done(resolution, t))
-        return resolution
+        flight = Flight(domain, task, background, loop.time() + self.resolver.settings.lookup_timeout)
+        self._pending[domain] = flight
+        task.add_done_callback(lambda t: self._done(flight, t))
+        return flight
 
     async def _run(self, domain: str) -> Decision:
         txt: StsAnswer | MtaStsError
@@ -141,16 +145,17 @@ class PolicyService:
         except MtaStsError as exc:
             txt = exc  # no record, invalid record or a DNS failure: the resolver decides what it means
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.resolver.resolve, domain, False, txt)
+        resolution = await loop.run_in_executor(self._executor, self.resolver.resolve, domain, False, txt)
+        return resolution.decision
 
-    def _forget(self, resolution: Resolution) -> None:
-        if self._pending.get(resolution.domain) is resolution:
-            del self._pending[resolution.domain]
+    def _forget(self, flight: Flight) -> None:
+        if self._pending.get(flight.domain) is flight:
+            del self._pending[flight.domain]
 
-    def _done(self, resolution: Resolution, task: asyncio.Task[Decision]) -> None:
-        self._forget(resolution)
+    def _done(self, flight: Flight, task: asyncio.Task[Decision]) -> None:
+        self._forget(flight)
         if not task.cancelled() and task.exception() is not None:
-            log.error("resolve domain=%s crashed: %r", resolution.domain, task.exception())
+            log.error("resolve domain=%s crashed: %r", flight.domain, task.exception())
 
     async def run_flusher(self, interval: float = LOOKUP_TIMES_FLUSH) -> None:
         """Write lookup times to the cache in batches (the warmer refreshes what is in use)."""
@@ -195,9 +200,9 @@ class PolicyService:
         tasks = [r.task for r in self._pending.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=max(deadline - reserve - loop.time(), 0.0))
-        for resolution in list(self._pending.values()):
-            resolution.task.cancel()
-            self._drop(resolution.domain, "stopping")
+        for flight in list(self._pending.values()):
+            flight.task.cancel()
+            self._drop(flight.domain, "stopping")
         await asyncio.sleep(0)  # let the waiting front ends write their answers
         seen, self._seen = self._seen, {}
         if seen:

@@ -17,15 +17,12 @@ from mtasts_policyd.frontends.listeners import (
     open_listener,
     parse_address,
 )
-from mtasts_policyd.net.dns import Discovery
+from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.ops.metrics import Metrics
 from mtasts_policyd.ops.status_http import MetricsServer, parse_metrics_address
-from mtasts_policyd.resolution.resolver import (
-    PolicyResolver,
-    ResolutionCounters,
-    merge,
-)
+from mtasts_policyd.resolution.resolver import PolicyResolver, ResolutionCounters
+from mtasts_policyd.store.entry import merge
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.runtime import sdnotify
@@ -70,7 +67,7 @@ def build_resolver(config: Config, *, memory_only: bool = False,
                    counters: ResolutionCounters | None = None) -> PolicyResolver:
     """The resolver on the configured cache file, or (memory_only) on an empty cache in memory;
     `counters`: where it counts fetches and outcomes (the daemon's metrics; None counts nothing)."""
-    discovery = Discovery(config.dns)
+    discovery = DnsDiscovery(config.dns)
     cache = PolicyCache(None if memory_only else cache_path(config), config.cache.memory_entries)
     return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver,
                           overrides=override_table(config), counters=counters)

@@ -19,7 +19,7 @@ from typing import Any
 from mtasts_policyd.core.errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
 from mtasts_policyd.core.names import to_alabel
 from mtasts_policyd.core.policy import parse_policy
-from mtasts_policyd.core.sts_record import parse_record, valid_id
+from mtasts_policyd.core.sts_record import parse_sts_record, valid_id
 from mtasts_policyd.store.entry import Entry
 
 log = logging.getLogger("mtasts_policyd.cache")  # the cache's log lines, wherever they are written
@@ -161,7 +161,7 @@ def entry_from_record(record: Any, now: float) -> Entry:
     policy_id, txt_record = _text_field(record, "policy_id"), _text_field(record, "txt_record")
     if txt_record is not None:
         try:
-            parsed = parse_record(txt_record)
+            parsed = parse_sts_record(txt_record)
         except InvalidRecord as exc:
             raise ValueError(f"txt_record is not a valid STSv1 record: {exc.detail}") from None
         if policy_id is not None and parsed.id != policy_id:

@@ -1,0 +1,192 @@
+"""In-memory fakes behind the network seams (mtasts_policyd/net/base.py), for the fast tier.
+
+The rules above the network (resolution, warm, survey) are tested with these in milliseconds,
+beside the real-server tests (tests/rig), which stay the proof that dnspython and requests are
+driven right. The fakes keep the seams' contract: answers carry their TTL and go through the
+same record parsing as the real ones (base.sts_answer, base.tlsrpt_answer); failures are the
+taxonomy's exceptions. Their API follows the rig's (`set`, `remove`, `fault`, `count`;
+`set_policy(..., status=, cert=)`), so a fast test reads like its real-server sibling.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, NoRecord
+from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
+from mtasts_policyd.net.trust import TrustStore
+from tests.conftest import ENFORCE
+
+FAULTS = ("servfail", "timeout")
+CERTS = ("valid", "untrusted", "expired", "wrong-name")
+
+
+def _key(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+class FakeDiscovery:
+    """DNS in memory: records per (name, type) with one TTL per RRset; a name with no records at
+    all is NXDOMAIN, a name without the asked type NODATA (both NoRecord with `negative_ttl`, RFC
+    2308); `fault(name, "servfail" | "timeout")` makes every query for it a DnsTemporaryFailure.
+    Every query is counted. Thread-safe (warm and survey ask from worker threads)."""
+
+    def __init__(self, negative_ttl: int = 60) -> None:
+        self.negative_ttl = negative_ttl
+        self._data: dict[str, dict[str, tuple[list[str | list[str]], int]]] = {}
+        self._faults: dict[str, str] = {}
+        self.queries: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    # ----- zone data (as tests/rig DnsServer) -----
+
+    def set(self, name: str, rdtype: str, *values: str | list[str], ttl: int = 300) -> None:
+        """Replace the records of `rdtype` at `name`; a TXT value given as a list is one RR of
+        several strings. MX values are "PREFERENCE HOST", A/AAAA values addresses."""
+        with self._lock:
+            types = self._data.setdefault(_key(name), {})
+            if values:
+                types[rdtype] = (list(values), ttl)
+            else:
+                types.pop(rdtype, None)
+
+    def remove(self, name: str, rdtype: str | None = None) -> None:
+        """Remove one type at `name`, or the whole name (it then becomes NXDOMAIN)."""
+        with self._lock:
+            types = self._data.get(_key(name), {})
+            if rdtype is None:
+                types.clear()
+            else:
+                types.pop(rdtype, None)
+
+    def fault(self, name: str, kind: str | None) -> None:
+        if kind is not None and kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
+        with self._lock:
+            if kind is None:
+                self._faults.pop(_key(name), None)
+            else:
+                self._faults[_key(name)] = kind
+
+    def count(self, name: str, rdtype: str | None = None) -> int:
+        key = _key(name)
+        with self._lock:
+            return sum(1 for n, t in self.queries if n == key and rdtype in (None, t))
+
+    # ----- the Discovery seam -----
+
+    def _query(self, name: str, rdtype: str) -> tuple[list[str | list[str]], int]:
+        key = _key(name)
+        with self._lock:
+            self.queries.append((key, rdtype))
+            fault = self._faults.get(key)
+            types = self._data.get(key)
+            found = types.get(rdtype) if types else None
+        if fault == "servfail":
+            raise DnsTemporaryFailure(f"{key}. {rdtype}: no server answered (SERVFAIL)")
+        if fault == "timeout":
+            raise DnsTemporaryFailure(f"{key}. {rdtype}: timed out")
+        if not types:
+            raise NoRecord(f"{key}. does not exist (NXDOMAIN)", ttl=self.negative_ttl)
+        if found is None:
+            raise NoRecord(f"{key}. has no {rdtype} record", ttl=self.negative_ttl)
+        return found
+
+    def _txt(self, name: str) -> tuple[list[bytes], int]:
+        values, ttl = self._query(name, "TXT")
+        return [("".join(v) if isinstance(v, list) else v).encode() for v in values], ttl
+
+    def sts_record(self, domain: str) -> StsAnswer:
+        return sts_answer(*self._txt(f"_mta-sts.{domain}"))
+
+    async def sts_record_async(self, domain: str) -> StsAnswer:
+        return self.sts_record(domain)
+
+    def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
+        return tlsrpt_answer(*self._txt(f"_smtp._tls.{domain}"))
+
+    def mx_hosts(self, domain: str) -> tuple[list[str], int]:
+        values, ttl = self._query(domain, "MX")
+        pairs = sorted((int(p), h) for p, h in (str(v).split() for v in values))
+        return [host if host == "." else host.lower().rstrip(".") for _, host in pairs], ttl
+
+    def addresses(self, host: str) -> list[str]:
+        found: list[str] = []
+        failure: Exception | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                found += [str(v) for v in self._query(host, rdtype)[0]]
+            except (NoRecord, DnsTemporaryFailure) as exc:
+                failure = failure if isinstance(failure, DnsTemporaryFailure) else exc
+        if found:
+            return found
+        assert failure is not None
+        raise failure
+
+
+@dataclass
+class _Served:
+    body: bytes
+    status: int = 200
+    cert: str = "valid"
+
+
+@dataclass
+class FakeFetcher:
+    """Policy hosts in memory: a body per domain, or a failure (`status` other than 200 or a
+    `cert` other than "valid", as tests/rig PolicyServer), a domain without a policy host
+    (`unresolvable`). Each fetch is counted. Only FetchError and CertificateInvalid are raised:
+    an invalid body is the parser's business, as with the real fetcher."""
+
+    trust: TrustStore = TrustStore("fake", None, None, 0)
+    _served: dict[str, _Served] = field(default_factory=dict)
+    _unresolvable: set[str] = field(default_factory=set)
+    requests: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def set_policy(self, domain: str, body: str | bytes, *, status: int = 200, cert: str = "valid") -> None:
+        if cert not in CERTS:
+            raise ValueError(f"unknown cert kind {cert!r}; expected one of {CERTS}")
+        with self._lock:
+            self._served[_key(domain)] = _Served(body.encode() if isinstance(body, str) else body, status, cert)
+            self._unresolvable.discard(_key(domain))
+
+    def remove(self, domain: str, *, unresolvable: bool = False) -> None:
+        """No policy at mta-sts.<domain> (HTTP 404), or (`unresolvable`) no such host at all."""
+        with self._lock:
+            self._served.pop(_key(domain), None)
+            if unresolvable:
+                self._unresolvable.add(_key(domain))
+
+    def count(self, domain: str) -> int:
+        with self._lock:
+            return self.requests.count(_key(domain))
+
+    def fetch(self, domain: str) -> bytes:
+        host = f"mta-sts.{domain}"
+        with self._lock:
+            if _key(domain) in self._unresolvable:
+                raise FetchError(f"policy host {host} does not resolve: {host}. does not exist (NXDOMAIN)")
+            self.requests.append(_key(domain))
+            served = self._served.get(_key(domain), _Served(b"", 404))
+        if served.cert != "valid":
+            raise CertificateInvalid(f"certificate of {host}: {served.cert}")
+        if served.status != 200:
+            raise FetchError(f"GET {host} answered HTTP {served.status}")
+        return served.body
+
+
+@dataclass
+class FakeNet:
+    """Both fakes, and `publish` as tests/rig's Rig.publish: TXT record, MX hosts (mx1.d and
+    a.mx.d), the policy host and its policy."""
+
+    dns: FakeDiscovery = field(default_factory=FakeDiscovery)
+    https: FakeFetcher = field(default_factory=FakeFetcher)
+
+    def publish(self, domain: str, body: str = ENFORCE, *, id: str = "1", ttl: int = 300, status: int = 200,
+                cert: str = "valid") -> None:
+        self.dns.set(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={id}", ttl=ttl)
+        self.dns.set(domain, "MX", f"10 mx1.{domain}.", f"20 a.mx.{domain}.", ttl=ttl)
+        self.https.set_policy(domain, body.format(d=domain), status=status, cert=cert)
