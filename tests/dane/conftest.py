@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from mtasts_policyd.net.dns import DnsSettings
+from mtasts_policyd.net.dnssec import DnssecResolver
 from tests.rig.dnssec import DnssecWorld, missing_tools
 
 
@@ -19,3 +21,12 @@ def world() -> Iterator[DnssecWorld]:
     with DnssecWorld(lifetime=1800) as started:
         yield started
 
+
+def resolver_settings(world: DnssecWorld, timeout: float = 5.0) -> DnsSettings:
+    """The daemon's DNS settings pointing at the world's validating resolver."""
+    return DnsSettings(nameservers=(world.host,), port=world.resolver_port, timeout=timeout)
+
+
+@pytest.fixture
+def resolver(world: DnssecWorld) -> DnssecResolver:
+    return DnssecResolver(resolver_settings(world))
