@@ -33,3 +33,14 @@ def test_keys_without_policy(key):
 
 def test_to_alabel_rejects_overlong_names():
     assert to_alabel(".".join(["a" * 60] * 5)) is None
+
+
+def test_mail_hosts_one_rule_for_mta_sts_and_dane():
+    """RFC 5321 §5.1 / RFC 7672 §2.2.2: no MX RRset means the domain itself; RFC 7505: a null MX
+    means no host; names fold to lowercase without the root dot, each once, in preference order."""
+    from mtasts_policyd.core.names import mail_hosts
+
+    assert mail_hosts("example.com", None) == ("example.com",)
+    assert mail_hosts("example.com", ["."]) == ()
+    assert mail_hosts("example.com", ["MX2.Example.com.", "mx1.example.com", "mx2.example.com"]) == (
+        "mx2.example.com", "mx1.example.com")

@@ -21,7 +21,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from mtasts_policyd.core.dane import AddressState, DaneInputs, HostState, LookupFailure, MxKind, TlsaState
+from mtasts_policyd.core.dane import (
+    AddressState,
+    DaneInputs,
+    HostState,
+    LookupFailure,
+    MxKind,
+    TlsaState,
+)
 from mtasts_policyd.core.limits import limits
 
 MAX_REASON = 200  # a TEMP reason ends up in one log line of the MTA

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Sequence
 
 import idna
 
@@ -74,3 +75,21 @@ def clean_key(key: str) -> str | None:
     if is_ip_literal(key):
         return None
     return to_alabel(key)
+
+
+def mail_hosts(domain: str, exchanges: Sequence[str] | None) -> tuple[str, ...]:
+    """The hosts that take `domain`'s mail, from its MX exchanges in preference order.
+
+    `exchanges` None: the domain has no MX RRset, so the domain itself is the host (RFC 5321
+    §5.1, RFC 7672 §2.2.2). A null MX ("." alone, RFC 7505 §3) means no host at all: `()`.
+    Names are folded to lowercase without the root dot; a name listed twice counts once.
+    """
+    if exchanges is None:
+        return (domain,)
+    hosts: list[str] = []
+    for exchange in exchanges:
+        host = exchange.lower()
+        host = host[:-1] if host.endswith(".") else host
+        if host and host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)

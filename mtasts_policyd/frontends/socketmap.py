@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from time import monotonic
-
 from typing import TYPE_CHECKING
 
 from mtasts_policyd.answers.postfix import MapOptions, tls_policy

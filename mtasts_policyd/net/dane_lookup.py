@@ -15,10 +15,25 @@ from collections.abc import Awaitable, Callable
 
 import dns.rdtypes.ANY.TLSA
 
-from mtasts_policyd.core.dane import (AddressState, DaneInputs, HostState, LookupFailure, MxKind, MxState, Tlsa,
-                                      TlsaState, tlsa_name)
+from mtasts_policyd.core.dane import (
+    AddressState,
+    DaneInputs,
+    HostState,
+    LookupFailure,
+    MxKind,
+    MxState,
+    Tlsa,
+    TlsaState,
+    tlsa_name,
+)
 from mtasts_policyd.core.errors import DnsTemporaryFailure
-from mtasts_policyd.net.dnssec import DnssecAnswer, DnssecDenial, DnssecResolver, DnssecResult
+from mtasts_policyd.core.names import mail_hosts
+from mtasts_policyd.net.dnssec import (
+    DnssecAnswer,
+    DnssecDenial,
+    DnssecResolver,
+    DnssecResult,
+)
 
 MAX_IN_FLIGHT = 16  # questions at once per domain: a domain with many MX hosts must not flood the resolver
 
@@ -46,18 +61,14 @@ def _mx_state(domain: str, result: DnssecResult | LookupFailure) -> MxState | Lo
     if isinstance(result, LookupFailure):
         return result
     if isinstance(result, DnssecDenial):
-        # RFC 5321 §5.1, RFC 7672 §2.2.2: no MX RRset, the domain itself is the host (if it does
-        # not exist at all its address lookups say so).
-        return MxState(MxKind.IMPLICIT, result.secure, (domain,), result.ttl)
+        # No MX RRset: the domain itself is the host (if it does not exist at all, its address
+        # lookups say so).
+        return MxState(MxKind.IMPLICIT, result.secure, mail_hosts(domain, None), result.ttl)
     exchanges = sorted(result.rrset, key=lambda rdata: rdata.preference)  # RFC 5321 §5.1
-    hosts: list[str] = []
-    for rdata in exchanges:
-        host = rdata.exchange.to_text(omit_final_dot=True).lower()
-        if host != "." and host not in hosts:
-            hosts.append(host)
+    hosts = mail_hosts(domain, [rdata.exchange.to_text() for rdata in exchanges])
     if not hosts:  # RFC 7505 §3: "0 ." alone, the domain accepts no mail
         return MxState(MxKind.NULL, result.secure, (), result.ttl)
-    return MxState(MxKind.RECORDS, result.secure, tuple(hosts), result.ttl)
+    return MxState(MxKind.RECORDS, result.secure, hosts, result.ttl)
 
 
 Ask = Callable[[str, str], Awaitable[DnssecResult | LookupFailure]]

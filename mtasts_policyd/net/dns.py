@@ -26,6 +26,7 @@ from mtasts_policyd.core.limits import limits
 from mtasts_policyd.core.sts_record import join_strings
 from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
 
+
 def ip_addresses(names: tuple[str, ...]) -> None:
     """dnspython asks nameservers by address: a host name here would fail every lookup."""
     for name in names:

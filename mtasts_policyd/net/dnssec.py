@@ -32,7 +32,13 @@ import dns.resolver
 import dns.rrset
 
 from mtasts_policyd.core.errors import DnsTemporaryFailure
-from mtasts_policyd.net.dns import DnsSettings, _answer_ttl, _configured, _dns_errors, _negative_ttl
+from mtasts_policyd.net.dns import (
+    DnsSettings,
+    _answer_ttl,
+    _configured,
+    _dns_errors,
+    _negative_ttl,
+)
 
 EDNS_PAYLOAD = 1232  # DNS flag day 2020: fits one unfragmented datagram on any path
 MAX_DETAIL = 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtasts_policyd.core import names
 from mtasts_policyd.core.errors import FailureKind, MtaStsError, NoRecord
 from mtasts_policyd.core.policy import Policy, parse_policy
 from mtasts_policyd.net.base import Discovery, Fetcher, StsAnswer
@@ -63,7 +64,7 @@ def mail_hosts(discovery: Discovery, domain: str) -> tuple[list[str], int | None
     kept (None: unknown). RFC 5321 §5.1: no MX record means the domain itself; RFC 7505: a null MX
     (".") means the domain takes no mail, so no host. DnsTemporaryFailure is raised."""
     try:
-        hosts, ttl = discovery.mx_hosts(domain)
+        exchanges, ttl = discovery.mx_hosts(domain)
     except NoRecord as exc:
-        return [domain], exc.ttl
-    return [host for host in hosts if host != "."], ttl
+        return list(names.mail_hosts(domain, None)), exc.ttl
+    return list(names.mail_hosts(domain, exchanges)), ttl

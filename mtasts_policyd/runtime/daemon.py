@@ -22,7 +22,6 @@ from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.ops.metrics import Metrics
 from mtasts_policyd.ops.status_http import MetricsServer, parse_metrics_address
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolutionCounters
-from mtasts_policyd.store.entry import merge
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.runtime import sdnotify
@@ -30,6 +29,7 @@ from mtasts_policyd.runtime.config import Config, override_table
 from mtasts_policyd.runtime.signals import early_hup
 from mtasts_policyd.store.base import PruneSettings
 from mtasts_policyd.store.cache import PolicyCache
+from mtasts_policyd.store.entry import merge
 from mtasts_policyd.store.sqlite import default_cache_path
 
 log = logging.getLogger("mtasts_policyd")

@@ -16,7 +16,12 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from mtasts_policyd.core.errors import Failure, FailureKind, InvalidPolicy, InvalidRecord
+from mtasts_policyd.core.errors import (
+    Failure,
+    FailureKind,
+    InvalidPolicy,
+    InvalidRecord,
+)
 from mtasts_policyd.core.names import to_alabel
 from mtasts_policyd.core.policy import parse_policy
 from mtasts_policyd.core.sts_record import parse_sts_record, valid_id

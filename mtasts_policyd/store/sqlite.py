@@ -23,7 +23,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from mtasts_policyd.store.base import CacheWriteError, Merge, Mirror, PolicyStore, PruneSettings, StoreStats
+from mtasts_policyd.store.base import (
+    CacheWriteError,
+    Merge,
+    Mirror,
+    PolicyStore,
+    PruneSettings,
+    StoreStats,
+)
 from mtasts_policyd.store.codec import COLUMNS, from_row, to_row
 from mtasts_policyd.store.entry import Entry
 
