@@ -11,11 +11,7 @@ from typing import Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.commands import cache, doctor, query, serve, survey, warm
-from mtasts_policyd.commands.common import (  # noqa: F401 (add_common_options, concurrency: for ops' CLI parts)
-    add_common_options,
-    concurrency,
-    configure,
-)
+from mtasts_policyd.commands.common import configure
 from mtasts_policyd.runtime import signals
 
 DESCRIPTION = """\
