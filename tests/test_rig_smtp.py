@@ -4,6 +4,7 @@ timeouts, high ports chosen by the kernel, smtplib as the client."""
 
 from __future__ import annotations
 
+import datetime
 import smtplib
 import socket
 import ssl
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import trustme
+from cryptography import x509
 
 from tests.rig import SmtpServer, make_ca
 from tests.rig.smtp_server import MAX_MESSAGE, WRONG_NAME
@@ -258,6 +260,47 @@ def test_no_starttls(ca: trustme.CA) -> None:
         assert server.wait_for(1, timeout=5)
         assert server.messages[0].tls is False
         assert server.tls_handshakes == 0
+
+
+@pytest.mark.parametrize("behaviour,error", [("expired", "certificate has expired"),
+                                             ("self-signed", "self.signed certificate")])
+def test_expired_and_self_signed_certs_fail_verification(ca: trustme.CA, behaviour: str, error: str) -> None:
+    with SmtpServer("127.0.0.1", 0, hostname=MX, ca=ca, behaviour=behaviour, lifetime=30) as server:
+        with client(server) as smtp:
+            with pytest.raises(ssl.SSLCertVerificationError, match=error):
+                smtp.starttls(context=verifying(ca))
+        assert server.cert is not None
+        leaf = x509.load_pem_x509_certificate(server.cert.cert_chain_pems[0].bytes())
+        assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName) == [MX]  # the MX's own name: only the date, or only the issuer, is wrong
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if behaviour == "expired":  # issued by the trusted CA
+            assert leaf.not_valid_after_utc < now
+            assert leaf.issuer == x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
+        else:  # its own issuer, valid dates
+            assert leaf.issuer == leaf.subject and leaf.not_valid_before_utc < now < leaf.not_valid_after_utc
+
+
+def test_starttls_refused(ca: trustme.CA) -> None:
+    with SmtpServer("127.0.0.1", 0, hostname=MX, ca=ca, behaviour="starttls-refused", lifetime=30) as server:
+        with client(server) as smtp:
+            smtp.ehlo()
+            assert smtp.has_extn("starttls")  # offered, then refused
+            assert smtp.docmd("STARTTLS")[0] == 454
+            smtp.sendmail("s@example.org", ["r@example.test"], MESSAGE)
+        assert server.wait_for(1, timeout=5)
+        assert server.messages[0].tls is False and server.tls_handshakes == 0
+
+
+def test_handshake_abort(ca: trustme.CA) -> None:
+    with SmtpServer("127.0.0.1", 0, hostname=MX, ca=ca, behaviour="handshake-abort", lifetime=30) as server:
+        with client(server) as smtp:
+            smtp.ehlo()
+            assert smtp.has_extn("starttls")
+            with pytest.raises((ssl.SSLError, OSError)):
+                smtp.starttls(context=verifying(ca))
+        assert server.tls_handshakes == 0
+        assert _eventually(lambda: server.tls_failures == 1)
 
 
 def test_plaintext_pipelined_after_starttls_is_discarded(mx: SmtpServer, ca: trustme.CA) -> None:

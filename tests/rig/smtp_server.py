@@ -15,6 +15,7 @@ prove an MX was never contacted or that no TLS session was ever established.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 import shutil
@@ -34,7 +35,13 @@ from .policy_server import make_ca
 
 log = logging.getLogger(__name__)
 
-BEHAVIOURS = frozenset({"tls", "wrong-cert", "no-starttls", "untrusted"})
+# What the MX does about TLS. tls: a valid certificate for its name; wrong-cert: valid, for another
+# name; untrusted: for its name, from a CA nobody trusts; expired: for its name, from the trusted CA,
+# expired yesterday; self-signed: for its name, signed by its own key; no-starttls: STARTTLS not
+# offered; starttls-refused: offered, answered 454; handshake-abort: "220 Ready", then the TCP
+# connection is closed before any TLS byte (the TLSRPT tests need each one, RFC 8460 §4.3.1).
+BEHAVIOURS = frozenset({"tls", "wrong-cert", "no-starttls", "untrusted", "expired", "self-signed",
+                        "starttls-refused", "handshake-abort"})
 WRONG_NAME = "wrong.invalid"  # the name on the "wrong-cert" certificate
 MAX_LINE = 4096  # bytes per command or data line, CRLF included (RFC 5321 needs 512/1000)
 MAX_MESSAGE = 10 * 1024 * 1024  # advertised in SIZE and enforced while reading DATA
@@ -50,6 +57,26 @@ _RCPT_RE = re.compile(r"^TO:\s*(<[^>]*>|\S+)(.*)$", re.IGNORECASE | re.DOTALL)
 def issue_cert(ca: trustme.CA, hostname: str) -> trustme.LeafCert:
     """A leaf certificate for `hostname` (a DNS name or an IP address) signed by `ca`."""
     return ca.issue_cert(hostname)
+
+
+def self_signed_cert(hostname: str) -> trustme.LeafCert:
+    """A certificate for `hostname` signed by its own key: no CA, so no trust store holds its issuer."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return trustme.LeafCert(key_pem, cert.public_bytes(serialization.Encoding.PEM), [])
 
 
 def server_context(cert: trustme.LeafCert) -> ssl.SSLContext:
@@ -204,6 +231,9 @@ class _Session:
         if self.server.behaviour == "no-starttls":
             self.reply("502 5.5.1 STARTTLS not supported")
             return True
+        if self.server.behaviour == "starttls-refused":
+            self.reply("454 4.7.0 TLS not available due to temporary reason")
+            return True
         if self.tls:
             self.reply("503 5.5.1 TLS already active")
             return True
@@ -212,6 +242,9 @@ class _Session:
             return True
         self.reply("220 2.0.0 Ready to start TLS")
         self.reader.discard()  # anything pipelined after STARTTLS was sent in clear: drop it
+        if self.server.behaviour == "handshake-abort":
+            self.server._count("tls_failures")
+            return False  # the client's ClientHello meets a closed connection
         try:
             tls_sock = self.server._tls_context.wrap_socket(
                 self.sock, server_side=True, do_handshake_on_connect=False
@@ -389,6 +422,12 @@ class SmtpServer(BoundedServer):
             return issue_cert(self.ca, WRONG_NAME)
         if self.behaviour == "untrusted":
             return issue_cert(self.untrusted_ca, self.hostname)
+        if self.behaviour == "expired":
+            now = datetime.datetime.now(datetime.timezone.utc)
+            return self.ca.issue_cert(self.hostname, not_before=now - datetime.timedelta(days=30),
+                                      not_after=now - datetime.timedelta(days=1))
+        if self.behaviour == "self-signed":
+            return self_signed_cert(self.hostname)
         return issue_cert(self.ca, self.hostname)
 
     def _make_context(self) -> ssl.SSLContext | None:
