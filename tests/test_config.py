@@ -61,6 +61,12 @@ BAD = [
     ("resolver: {refresh_after: 0}\n", "resolver.refresh_after", "at least 60"),
     ("resolver: {negative_ttl_min: -1}\n", "resolver.negative_ttl_min", "at least 1"),
     ("metrics: {listen: '127.0.0.1:99999'}\n", "metrics.listen", "HOST:PORT"),
+    ("tlsrpt: {store: ''}\n", "tlsrpt.store", "must not be empty"),
+    ("tlsrpt: {sender: postmaster}\n", "tlsrpt.sender", "mail address"),
+    ("tlsrpt: {sender: 'a b@example.com'}\n", "tlsrpt.sender", "mail address"),
+    ("tlsrpt: {sending_ips: [mail.example.com]}\n", "tlsrpt.sending_ips", "not an IP address"),
+    ("tlsrpt: {organization_name: ''}\n", "tlsrpt.organization_name", "must not be empty"),
+    ("tlsrpt: {colour: blue}\n", "tlsrpt", "unknown key(s) colour"),
 ]
 
 

@@ -26,7 +26,7 @@ from mtasts_policyd.core.limits import (
 )
 from mtasts_policyd.core.overrides import Override, OverrideError, make_override
 from mtasts_policyd.frontends.listeners import parse_address, parse_owner
-from mtasts_policyd.net.dns import DnsSettings
+from mtasts_policyd.net.dns import DnsSettings, ip_addresses
 from mtasts_policyd.net.https import FetchSettings
 from mtasts_policyd.ops.status_http import parse_metrics_address
 from mtasts_policyd.resolution.resolver import ResolverSettings
@@ -117,6 +117,29 @@ class MetricsConfig:
     max_connections: int = field(default=64, metadata=limits(min=1, max=10_000))
 
 
+def mail_address(text: str) -> None:
+    """local@domain: the From and envelope sender of TLSRPT reports (RFC 8460 §5.3)."""
+    local, at, domain = text.rpartition("@")
+    if not (local and at and "." in domain) or any(c.isspace() or c in "<>" for c in text):
+        raise ValueError(f"expected a mail address such as tlsrpt-noreply@mail.example.com, got {text!r}")
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    """tlsrpt: - RFC 8460 reports from the MTA's log (README "TLSRPT (in progress)")."""
+
+    # None: tlsrpt.sqlite3 beside the cache file
+    store: str | None = field(default=None, metadata=limits(min=1))
+    # None: the domain of `sender`
+    organization_name: str | None = field(default=None, metadata=limits(min=1, max=256))
+    # None: `sender`
+    contact_info: str | None = field(default=None, metadata=limits(min=1, max=256))
+    # None: tlsrpt-noreply@ this host's fully qualified name
+    sender: str | None = field(default=None, metadata=limits(check=mail_address))
+    # empty: per receiving IP, the source address the routing table picks
+    sending_ips: tuple[str, ...] = field(default=(), metadata=limits(check=ip_addresses))
+
+
 @dataclass(frozen=True)
 class OverrideConfig:
     """overrides: {DOMAIN: {...}} - see README "Overrides"."""
@@ -138,6 +161,7 @@ class Config:
     resolver: ResolverSettings = ResolverSettings()
     overrides: dict[str, OverrideConfig] = field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    tlsrpt: TlsRptConfig = TlsRptConfig()
     # threads for DNS/HTTPS work (concurrent resolutions)
     workers: int = field(default=32, metadata=limits(min=1, max=1024))
     log_level: str = field(default="info", metadata=limits(choices=LOG_LEVELS))
