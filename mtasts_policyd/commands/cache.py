@@ -16,10 +16,10 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TextIO
 
-from mtasts_policyd.commands.common import add_common_options
+from mtasts_policyd.commands.common import command_with_actions
 from mtasts_policyd.core.names import to_alabel
 from mtasts_policyd.core.policy import Mode
 from mtasts_policyd.ops import cachetool
@@ -58,17 +58,8 @@ class CacheToolError(Exception):
 
 
 def register(sub: Any) -> None:
-    cache = sub.add_parser("cache", help="list, show, forget, export and import cached policies",
-                           description=DESCRIPTION, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-
-    def action(name: str, handler: Callable[[argparse.Namespace, Config], int], help: str,
-               description: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, help=help, description=description)
-        add_common_options(parser)
-        parser.set_defaults(handler=handler)
-        return parser
+    action = command_with_actions(sub, "cache", "list, show, forget, export and import cached policies",
+                                  DESCRIPTION, EPILOG)
 
     p = action("list", list_command, "one line per cached domain",
                "One line per cached domain: state, policy id, expiry (UTC), last lookup and last failure kind.")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from mtasts_policyd.runtime.config import LOG_LEVELS, Config, checked, load
 from mtasts_policyd.runtime.daemon import FRONT_ENDS
@@ -17,6 +19,26 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", metavar="PATH", help="SQLite cache file (overrides cache.path)")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="log verbosity (overrides log_level; default info)")
+
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+
+def command_with_actions(sub: Any, name: str, help: str, description: str,
+                         epilog: str) -> Callable[[str, Handler, str, str], argparse.ArgumentParser]:
+    """Add a command with actions (`cache list`, `tlsrpt build`); returns a function that adds one
+    action with the common options and its handler, and gives its parser for the action's options."""
+    command = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = command.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Handler, help: str, description: str) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help, description=description)
+        add_common_options(parser)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    return action
 
 
 def concurrency(text: str) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mtasts_policyd import __version__
-from mtasts_policyd.commands import cache, doctor, query, serve, survey, warm
+from mtasts_policyd.commands import cache, doctor, query, serve, survey, tlsrpt, warm
 from mtasts_policyd.commands.common import configure
 from mtasts_policyd.runtime import signals
 
@@ -39,7 +39,7 @@ exim (see contrib/exim/exim.conf; no fail string: mail defers while the daemon i
 # Each subcommand module contributes one register(subparsers) function; the parser it adds sets
 # `handler(args, config) -> exit code`.
 COMMANDS: list[Callable[[Any], None]] = [serve.register, query.register, survey.register, cache.register,
-                                         warm.register, doctor.register]
+                                         warm.register, doctor.register, tlsrpt.register]
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -12,15 +12,18 @@ Postfix's own map lookups filled.
 from __future__ import annotations
 
 import datetime
+import gzip
+import json
 import uuid
 from collections import Counter
 
 import pytest
+import yaml
 
 from mtasts_policyd.ops.tlsrpt_ingest import PostfixIngest, SourceAddresses, policy_from_cache
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore
-from tests.conftest import free_port
+from tests.conftest import free_port, run_cli
 from tests.e2e.postfix_mta import PostfixInstance
 from tests.e2e.world import Mx, Scenario, World, wait_until
 
@@ -141,3 +144,34 @@ def test_our_unreachable_map_is_a_local_event_not_a_report(world: World, deliver
     assert [store.sessions(day) for day in days()] == [[], []]
     assert sum(store.local_events(day).get("policy-map-error", 0) for day in days()) >= 1
     assert [store.unparsed(day) for day in days()] == [{}, {}]
+
+
+def test_the_commands_build_reports_for_domains_that_ask(world: World, delivered, tmp_path):
+    """`tlsrpt ingest` then `tlsrpt build` on the real log, the world's DNS answering _smtp._tls."""
+    postfix, _, _, rcpts = delivered
+    world.dns.set("_smtp._tls.rpt-enforce-expired.e2e.test", "TXT", "v=TLSRPTv1; rua=mailto:tls@e2e.test")
+    world.dns.set("_smtp._tls.rpt-enforce-tls.e2e.test", "TXT", "v=TLSRPTv1; rua=ftp://e2e.test/")  # invalid
+    config = tmp_path / "tlsrpt.yaml"
+    config.write_text(yaml.safe_dump({
+        "dns": {"nameservers": ["127.0.0.1"], "timeout": 3},
+        "cache": {"path": str(world.directory / "policyd" / "cache.sqlite3")},
+        "tlsrpt": {"store": str(tmp_path / "counts.sqlite3"), "sender": "tlsrpt@sender.e2e.test"}}))
+    result = run_cli("tlsrpt", "ingest", "--config", str(config), "--postfix-log", str(postfix.log_path))
+    assert result.returncode == 0 and ", unparsed 0, " in result.stdout, result.stdout + result.stderr
+    built = []
+    for day in days():
+        result = run_cli("tlsrpt", "build", "--config", str(config), "--day", day.isoformat(), "--output",
+                         str(tmp_path / "reports"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert ("is not over (UTC)" in result.stderr) == (day == days()[1])  # today: a warning
+        built += [line for line in result.stdout.splitlines() if line.startswith("built ")]
+        assert not any(line.startswith("built domain=rpt-enforce-tls.") for line in result.stdout.splitlines())
+    assert len(built) == 1 and "domain=rpt-enforce-expired.e2e.test " in built[0]
+    (path,) = (tmp_path / "reports").iterdir()
+    assert path.name.startswith("sender.e2e.test!rpt-enforce-expired.e2e.test!") and path.name.endswith(".json.gz")
+    report = json.loads(gzip.decompress(path.read_bytes()))
+    attempts = len(postfix.statuses(rcpts["rpt-enforce-expired.e2e.test"]))
+    (entry,) = report["policies"]
+    assert entry["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": attempts}
+    assert [(d["result-type"], d["receiving-mx-hostname"], d["sending-mta-ip"]) for d in entry["failure-details"]] == [
+        ("certificate-expired", "mx.rpt-enforce-expired.e2e.test", "127.0.0.1")]

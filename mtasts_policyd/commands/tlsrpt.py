@@ -1,0 +1,205 @@
+"""`mtasts-policyd tlsrpt ingest|build|show`: RFC 8460 reports from the MTA's log (in progress).
+
+Here: the options, the stores opened from the configuration (the daemon's cache for the policy in
+force, `tlsrpt.store` for the counts), the output lines and the exit status (README "TLSRPT (in
+progress)"). The work is in ops/tlsrpt_ingest.py and ops/tlsrpt_build.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from mtasts_policyd.commands.common import command_with_actions
+from mtasts_policyd.core.tlsrpt_report import ReportIdentity, build_report
+from mtasts_policyd.net.dns import DnsDiscovery
+from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity
+from mtasts_policyd.ops.tlsrpt_ingest import PostfixIngest, SourceAddresses, policy_from_cache
+from mtasts_policyd.runtime.config import Config
+from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
+from mtasts_policyd.store.cache import PolicyCache
+from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError, default_store_path
+
+DESCRIPTION = """\
+TLSRPT (RFC 8460) aggregate reports from the MTA's log (in progress: reports are built, not yet
+sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1) per UTC day,
+policy domain, policy and result; `build` writes one report file per policy domain that publishes
+a valid _smtp._tls record; `show` prints the counts of a day.
+"""
+
+EPILOG = """\
+examples:
+  mtasts-policyd tlsrpt ingest --postfix-log /var/log/mail.log
+  mtasts-policyd tlsrpt build --day 2025-11-30 --output /var/lib/mtasts-policyd/reports
+  mtasts-policyd tlsrpt show --day 2025-11-30 --domain example.com
+"""
+
+
+class TlsRptCommandError(Exception):
+    """One line on stderr, exit status 1."""
+
+
+def day(text: str) -> datetime.date:
+    """argparse type for --day: an ISO date, the UTC day of the report."""
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def register(sub: Any) -> None:
+    """Add `tlsrpt` to the command line (main.COMMANDS)."""
+    action = command_with_actions(sub, "tlsrpt", "TLSRPT reports from the MTA's log (in progress)",
+                                  DESCRIPTION, EPILOG)
+
+    p = action("ingest", ingest_command, "count the TLS sessions of a Postfix log",
+               "Read a Postfix log (smtp_tls_loglevel = 1) from where the last run stopped to its last complete "
+               "line and count its TLS sessions; the counts and the position are stored together, so a second "
+               "run never counts a line twice. Needs the daemon's cache for the policy in force. Exit status 1 "
+               "if the log, the cache or the store cannot be used.")
+    p.add_argument("--postfix-log", action="append", required=True, metavar="FILE",
+                   help="Postfix log file (syslog or maillog_file); repeatable")
+
+    p = action("build", build_command, "write the reports of a day",
+               "Write one RFC 8460 report (.json.gz, named per RFC 8460 §5.1) per policy domain with sessions on "
+               "DAY that publishes a valid _smtp._tls record. Building a day again gives the same files. Exit "
+               "status 1 if a domain's record could not be looked up or a file not written.")
+    p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
+    p.add_argument("--output", metavar="DIR", help="directory for the report files (default: reports/ beside "
+                                                    "the store)")
+
+    p = action("show", show_command, "print the counts of a day",
+               "Print the sessions counted on DAY per policy domain and policy: successes, failures by result "
+               "type, MX host and reason; then lines not understood and local events (never reported).")
+    p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
+    p.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
+    p.add_argument("--json", action="store_true", help="one JSON document (policies as in a report)")
+
+
+def store_path(config: Config) -> str:
+    return config.tlsrpt.store or default_store_path(cache_path(config))
+
+
+@contextlib.contextmanager
+def _store(config: Config, *, create: bool) -> Iterator[TlsRptStore]:
+    try:
+        store = TlsRptStore(store_path(config), create=create)
+    except TlsRptStoreError as exc:
+        raise TlsRptCommandError(str(exc)) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _run(name: str, work: Callable[[], int]) -> int:
+    try:
+        return work()
+    except (TlsRptCommandError, TlsRptStoreError, CacheMissing) as exc:
+        print(f"mtasts-policyd tlsrpt {name}: {exc}", file=sys.stderr)
+        return 1
+
+
+# ----- ingest ----------------------------------------------------------------------------------
+
+
+def ingest_command(args: argparse.Namespace, config: Config) -> int:
+    def work() -> int:
+        for path in args.postfix_log:
+            if not os.path.isfile(path):
+                raise TlsRptCommandError(f"cannot read {path}: no such file")
+        cache = PolicyCache(require_cache(config), config.cache.memory_entries)
+        try:
+            with _store(config, create=True) as store:
+                reader = PostfixIngest(store, policy_from_cache(cache), SourceAddresses(config.tlsrpt.sending_ips))
+                for path in args.postfix_log:
+                    try:
+                        summary = reader.ingest(path)
+                    except OSError as exc:
+                        raise TlsRptCommandError(f"cannot read {path}: {exc}") from None
+                    print(f"{summary.line()} file={path}")
+        finally:
+            cache.close()
+        return 0
+    return _run("ingest", work)
+
+
+# ----- build -----------------------------------------------------------------------------------
+
+
+def identity(config: Config) -> ReportIdentity:
+    settings = config.tlsrpt
+    try:
+        return report_identity(settings.sender, settings.organization_name, settings.contact_info, socket.getfqdn())
+    except ValueError as exc:
+        raise TlsRptCommandError(str(exc)) from None
+
+
+def build_command(args: argparse.Namespace, config: Config) -> int:
+    def work() -> int:
+        who = identity(config)
+        output = args.output or os.path.join(os.path.dirname(os.path.abspath(store_path(config))), "reports")
+        if args.day >= datetime.datetime.now(datetime.UTC).date():
+            print(f"mtasts-policyd tlsrpt build: {args.day} is not over (UTC): its reports are not complete yet",
+                  file=sys.stderr)
+        with _store(config, create=False) as store:
+            results = build_day(store, args.day, who, DnsDiscovery(config.dns), output)
+        for result in results:
+            if result.report is not None:
+                policies = result.report.policies
+                print(f"built domain={result.domain} file={result.path} report_id={result.report.report_id} "
+                      f"successful={sum(p.successful for p in policies)} failed={sum(p.failed for p in policies)} "
+                      f"rua={','.join(result.rua)}")
+            else:
+                print(f"{result.outcome} domain={result.domain} detail={result.detail}")
+        outcomes = [r.outcome for r in results]
+        print(f"build: {args.day}: {outcomes.count('built')} built, {outcomes.count('skipped')} skipped "
+              f"(no valid TLSRPT record), {outcomes.count('failed')} failed")
+        return 1 if "failed" in outcomes else 0
+    return _run("build", work)
+
+
+# ----- show ------------------------------------------------------------------------------------
+
+
+def show_command(args: argparse.Namespace, config: Config) -> int:
+    def work() -> int:
+        with _store(config, create=False) as store:
+            domains = [args.domain.lower().rstrip(".")] if args.domain else store.domains(args.day)
+            who = ReportIdentity("-", "-", "localhost.invalid")  # show prints counts, not a report
+            reports = [build_report(who, args.day, domain, store.sessions(args.day, domain)) for domain in domains]
+            unparsed, local = store.unparsed(args.day), store.local_events(args.day)
+        if args.json:
+            document = {"day": args.day.isoformat(),
+                        "domains": [{"domain": d, "policies": [p.to_json() for p in r.policies]}
+                                    for d, r in zip(domains, reports)],
+                        "unparsed": {source: {"lines": n, "example": example} for source, (n, example) in unparsed.items()},
+                        "local_events": local}
+            print(json.dumps(document, indent=2))
+            return 0
+        for domain, report in zip(domains, reports):
+            if not report.policies:
+                print(f"{domain}: no sessions on {args.day}")
+            for results in report.policies:
+                policy = results.policy
+                mode = next((line.partition(": ")[2] for line in policy.policy_string if line.startswith("mode:")), "")
+                print(f"{domain} policy={policy.policy_type.value}{' mode=' + mode if mode else ''} "
+                      f"successful={results.successful} failed={results.failed}")
+                for detail in results.failure_details:
+                    print(f"  {detail.result_type.value} sessions={detail.failed_session_count} "
+                          f"mx={detail.receiving_mx_hostname} ip={detail.receiving_ip or '-'} "
+                          f"from={detail.sending_mta_ip or '-'}"
+                          + (f" reason={detail.failure_reason_code}" if detail.failure_reason_code else ""))
+        for source, (lines, example) in unparsed.items():
+            print(f"unparsed source={source} lines={lines} last={example}")
+        for kind, count in local.items():
+            print(f"local event={kind} count={count} (ours, not reported)")
+        return 0
+    return _run("show", work)
