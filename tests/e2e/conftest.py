@@ -11,6 +11,7 @@ import yaml
 
 from tests.conftest import Daemon
 from tests.e2e.world import (
+    DANE_SCENARIOS,
     SCENARIOS,
     World,
     in_private_namespace,
@@ -32,13 +33,14 @@ def world() -> Iterator[World]:
         pytest.skip(message)
     directory = temp_dir("mtasts-e2e-")
     world = start_world(directory)
-    for scenario in SCENARIOS:
+    for scenario in SCENARIOS + DANE_SCENARIOS:
         world.publish(scenario)
     try:
         yield world
     finally:
         world.stop()
         world.https.stop()
+        world.signed.stop()
         world.dns.stop()
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -76,7 +76,7 @@ def test_doctor_finds_the_live_setup_well(world: World, policyd) -> None:
         "ok socketmap: 127.0.0.1:8461 answers",
         "ok exim-listener: 127.0.0.1:8462 answers",
         f"ok trust-store: trust store={MACHINE_STORE.format(cas=machine_cas())}",
-        "ok resolver: 127.0.0.1 port 53 answers (. has no NS record)",
+        "ok resolver: 127.0.0.1 port 53 answers (. NS: 1 name)",
         f"ok cache: {cache}: {cache.parent} is writable",
         "ok postfix: smtp_tls_policy_maps entry socketmap:inet:127.0.0.1:8461:postfix answers",
         f"ok postfix: smtp_tls_CAfile = {SYSTEM_BUNDLE} ({len(file_certificates(SYSTEM_BUNDLE))} CAs)",
