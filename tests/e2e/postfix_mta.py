@@ -37,7 +37,8 @@ POSTSUPER = "/usr/sbin/postsuper"
 # files are written, so a change to the contrib file that breaks these tests is reported as such).
 EXPECTED_FROM_CONTRIB = {
     "smtp_tls_policy_maps": "socketmap:inet:127.0.0.1:8461:postfix",
-    "smtp_tls_security_level": "may",
+    "smtp_tls_security_level": "dane",
+    "smtp_dns_support_level": "dnssec",
     "smtp_tls_CAfile": "/etc/ssl/certs/ca-certificates.crt",
 }
 
