@@ -179,6 +179,11 @@ class PostfixInstance:
         out = self._run([POSTCONF, "-c", str(self.config_dir), "-h", name])
         return out.stdout.decode().strip()
 
+    def postconf_expanded(self, name: str) -> str:
+        """The effective value of `name` with $parameters expanded (`postconf -x`)."""
+        out = self._run([POSTCONF, "-c", str(self.config_dir), "-xh", name])
+        return out.stdout.decode().strip()
+
     def service_param(self, service: str, name: str) -> str:
         """The master.cf `-o name=value` of `service` ("smtp/unix")."""
         out = self._run([POSTCONF, "-c", str(self.config_dir), "-Ph", f"{service}/{name}"])

@@ -15,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from tests.e2e.world import DANE_SCENARIOS, OTHER_KEY, ZONE, World, spki_sha256
+from tests.e2e.world import DANE_SCENARIOS, FACT_SCENARIOS, INSECURE_MX, OTHER_KEY, ZONE, World, spki_sha256
 
 
 def ask(name: str, rdtype: str) -> dns.message.Message:
@@ -31,9 +31,6 @@ def ad(response: dns.message.Message) -> bool:
 
 def tlsa(response: dns.message.Message) -> list[str]:
     return sorted(r.to_text() for rrset in response.answer if rrset.rdtype == dns.rdatatype.TLSA for r in rrset)
-
-
-BY_NAME = {scenario.name: scenario for scenario in DANE_SCENARIOS}
 
 
 def test_the_machine_resolver_is_the_validating_one(world: World) -> None:
@@ -62,20 +59,23 @@ def test_e2e_zone_is_insecure_and_changes_are_seen_at_once(world: World) -> None
 
 
 def test_dane_scenarios_publish_what_they_say(world: World) -> None:
-    """Each DANE scenario's MX host: a secure address, and a TLSA RRset that matches the sink's key,
+    """Each DANE scenario's MX hosts: a secure address, and a TLSA RRset that matches the sink's key,
     matches another key, or is bogus (SERVFAIL from the validator); the unsigned one has an insecure
-    TLSA RRset; the signed ones without TLSA have an authenticated denial."""
-    for scenario in DANE_SCENARIOS:
-        (mx,) = scenario.mx
-        host = scenario.host(mx)
-        address, mx_rrset = ask(host, "A"), ask(scenario.domain, "MX")
-        assert ad(address) == scenario.signed and ad(mx_rrset) == scenario.signed, scenario.name
-        answer = ask(f"_25._tcp.{host}", "TLSA")
-        if mx.tlsa == "bogus":
-            assert answer.rcode() == dns.rcode.SERVFAIL, scenario.name
-            continue
-        assert answer.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) and ad(answer) == scenario.signed
-        expected = {"match": [f"3 1 1 {spki_sha256(world.sinks[host])}"], "mismatch": [f"3 1 1 {OTHER_KEY}"],
-                    None: []}[mx.tlsa]
-        assert tlsa(answer) == expected, scenario.name
-    assert spki_sha256(world.sinks[BY_NAME["dane-match"].host(BY_NAME["dane-match"].mx[0])]) != OTHER_KEY
+    TLSA RRset; the signed ones without TLSA have an authenticated denial. The insecure-MX case has
+    an unsigned MX record naming a host with a signed TLSA record."""
+    for scenario in DANE_SCENARIOS + FACT_SCENARIOS:
+        assert ad(ask(scenario.domain, "MX")) == scenario.signed, scenario.name
+        for mx in scenario.mx:
+            host = scenario.host(mx)
+            assert ad(ask(host, "A")) == World.is_signed(host), host
+            answer = ask(f"_25._tcp.{host}", "TLSA")
+            if mx.tlsa == "bogus":
+                assert answer.rcode() == dns.rcode.SERVFAIL, host
+                continue
+            assert answer.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN), host
+            assert ad(answer) == World.is_signed(host), host
+            expected = {"match": [f"3 1 1 {spki_sha256(world.sinks[host])}"], "mismatch": [f"3 1 1 {OTHER_KEY}"],
+                        None: []}[mx.tlsa]
+            assert tlsa(answer) == expected, host
+    assert not ad(ask(INSECURE_MX.domain, "MX")) and ad(ask(INSECURE_MX.host(INSECURE_MX.mx[0]), "A"))
+    assert spki_sha256(world.sinks["mx.dane-match.test"]) != OTHER_KEY

@@ -126,6 +126,10 @@ DANE_SCENARIOS = [
     # DANE and MTA-STS, the TLSA matches: delivered, authenticated by DANE.
     Scenario("dane-match", _policy("enforce", "mx.{d}"), (Mx("mx", "tls", tlsa="match"),), "mx",
              tls_required=True, signed=True, dane="dane-only", by_dane=True),
+    # The certificate is from a CA nobody trusts, the TLSA matches it: MTA-STS alone would defer,
+    # so a delivery proves DANE authenticated the host (RFC 7672 §3.1.1: DANE-EE needs no CA).
+    Scenario("dane-untrusted", _policy("enforce", "mx.{d}"), (Mx("mx", "untrusted", tlsa="match"),), "mx",
+             tls_required=True, signed=True, dane="dane-only", by_dane=True),
     # DANE and MTA-STS, the TLSA does not match the (PKIX-valid) certificate: MTA-STS alone would
     # deliver; DANE must win, so deferred.
     Scenario("dane-mismatch", _policy("enforce", "mx.{d}"), (Mx("mx", "tls", tlsa="mismatch"),), None,
@@ -136,6 +140,11 @@ DANE_SCENARIOS = [
     # DANE only, no MTA-STS.
     Scenario("dane-nosts", None, (Mx("mx", "tls", tlsa="match"),), "mx", tls_required=True, signed=True,
              dane="dane-only", by_dane=True),
+    # Two MX, the preferred one with a TLSA record that does not match, the other without TLSA:
+    # "dane". The first is refused by DANE although MTA-STS lists it; the second gets the mail.
+    Scenario("dane-twomx", _policy("enforce", "mx1.{d}", "mx2.{d}"),
+             (Mx("mx1", "tls", 10, tlsa="mismatch"), Mx("mx2", "tls", 20)), "mx2", tls_required=True, signed=True,
+             dane="dane"),
     # Signed, authenticated "no TLSA": MTA-STS still enforces, both ways.
     Scenario("signed-notlsa", _policy("enforce", "mx.{d}"), (Mx("mx", "tls"),), "mx", tls_required=True,
              signed=True),
@@ -158,6 +167,17 @@ def spki_sha256(sink: SmtpServer) -> str:
 
 
 OTHER_KEY = hashlib.sha256(b"a key no MX host of the world has").hexdigest()
+
+
+# Cases for recording what the MTAs themselves do (not scenarios of the daemon's table).
+# An unsigned MX record (in e2e.test) naming a host in a signed zone whose TLSA does not match:
+# issue 9's "insecure MX pointing at a host with TLSA", verdict "dane".
+INSECURE_MX = Scenario("insecure-mx", None, (Mx("mx.insecure-mx-host.test.", "tls", tlsa="mismatch"),), None,
+                       dane="dane")
+# Signed domains, no MTA-STS, one MX whose TLSA does not match: answered as a test needs.
+MISMATCH = [Scenario(f"tlsa-mismatch-{n}", None, (Mx("mx", "tls", tlsa="mismatch"),), None, signed=True)
+            for n in (1, 2)]
+FACT_SCENARIOS = [INSECURE_MX, *MISMATCH]
 
 
 @dataclass
