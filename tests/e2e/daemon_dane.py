@@ -33,7 +33,7 @@ def dane_refused() -> str | None:
             load(str(path))
         except ConfigError as exc:
             if "unknown key" in str(exc) and "dane" in str(exc):
-                return str(exc)
+                return str(exc).rsplit(": ", 1)[-1]  # without the temporary file's name
     return None
 
 

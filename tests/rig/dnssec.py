@@ -391,7 +391,9 @@ class DnssecWorld(BoundedServer):
         self._start_nsd()
         self._start_unbound()
         self._wait_validating()
-        self._load([zone for zone in self.zones.values() if not zone.served])  # zones made before start()
+        early = [zone for zone in self.zones.values() if not zone.served]  # zones made before start()
+        if early:
+            self._load(early)
 
     def _shutdown(self) -> None:
         for name, process in self._processes.items():
