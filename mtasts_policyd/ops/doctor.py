@@ -42,8 +42,29 @@ SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 POSTFIX_PARAMETERS = ("smtp_tls_policy_maps", "smtp_tls_CAfile", "smtp_tls_CApath", "smtp_tls_security_level",
                       "smtp_dns_support_level", "queue_directory")
 ROUTER, TRANSPORT = "mtasts_enforce", "mtasts_smtp"  # the names contrib/exim/exim.conf gives them
-# What makes mtasts_smtp enforce (RFC 8461 §4.2, §5): TLS required, chain and name verified.
-TRANSPORT_OPTIONS = {"hosts_require_tls": "*", "tls_verify_hosts": "*", "tls_verify_cert_hostnames": "*"}
+
+
+@dataclass(frozen=True)
+class EximPiece:
+    """A router of contrib/exim/exim.conf that asks the daemon, and the transport it routes to
+    (none: it defers), with the options that transport needs and what goes wrong without them."""
+
+    router: str
+    transport: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
+    without: str = ""
+
+
+# In the order contrib has them (RFC 8461 §2: DANE first), all before the remote router.
+EXIM_PIECES = (
+    EximPiece("mtasts_temp"),  # "temp": a lookup DANE needs failed; defer (RFC 7672 §2.2)
+    EximPiece("mtasts_dane_only", "mtasts_dane_only", (("hosts_try_dane", "*"), ("hosts_require_dane", "*")),
+              "DANE-only mail could go out without DANE"),
+    EximPiece("mtasts_dane", "mtasts_dane", (("hosts_try_dane", "*"),), "DANE mail could go out without DANE"),
+    # RFC 8461 §4.2, §5: TLS required, chain and name verified.
+    EximPiece(ROUTER, TRANSPORT, (("hosts_require_tls", "*"), ("tls_verify_hosts", "*"),
+                                  ("tls_verify_cert_hostnames", "*")), "enforce mail could go out unverified"),
+)
 
 
 @dataclass(frozen=True)
@@ -379,7 +400,7 @@ def check_postfix_level(listeners: Listeners, values: dict[str, str]) -> list[Fi
     findings.append(warning("postfix", f"an MTA-STS enforce answer replaces smtp_tls_security_level = {level} "
                                        "for its destination (RFC 8461 §2 wants DANE to win): for destinations "
                                        "with TLSA records, list a DANE policy table before the socketmap in "
-                                       "smtp_tls_policy_maps (contrib/postfix/main.cf)"))
+                                       "smtp_tls_policy_maps"))
     return findings
 
 
@@ -410,7 +431,7 @@ def _asks_daemon(driver: eximconf.Driver, listeners: tuple[Address, ...], where:
         return [problem("exim", f"{where} does not ask the daemon (no ${{readsocket}}): copy it from "
                                 "contrib/exim/exim.conf")]
     findings = []
-    for spec in driver.readsockets:
+    for spec in dict.fromkeys(driver.readsockets):  # each address once, however often it is asked
         address = _endpoint(spec, "/")
         if address is None or address not in listeners:
             shown = ", ".join(map(str, listeners)) or "none"
@@ -420,40 +441,54 @@ def _asks_daemon(driver: eximconf.Driver, listeners: tuple[Address, ...], where:
 
 
 def check_exim_config(listeners: tuple[Address, ...], path: str, text: str) -> list[Finding]:
-    """The router and transport of contrib/exim/exim.conf, in the right place, asking this daemon
+    """The routers and transports of contrib/exim/exim.conf, in the right place, asking this daemon
     (one of its Exim `listeners`)."""
     parsed = eximconf.parse(text)
     findings = []
-    router, transport = parsed.router(ROUTER), parsed.transport(TRANSPORT)
-    if router is None:
-        findings.append(problem("exim", f"{path} has no router {ROUTER}: copy it from contrib/exim/exim.conf, "
-                                        "before your remote (dnslookup) router"))
-    else:
-        earlier = [d.name for d in parsed.routers[:parsed.routers.index(router)]
-                   if d.options.get("driver") in ("dnslookup", "manualroute")]
-        if earlier:
-            findings.append(problem("exim", f"router {', '.join(earlier)} comes before {ROUTER} and routes remote "
-                                            f"mail first: move {ROUTER} before it"))
-        if router.options.get("transport") != TRANSPORT:
-            findings.append(problem("exim", f"router {ROUTER} does not use transport {TRANSPORT}: set "
-                                            f"transport = {TRANSPORT}"))
-        findings += _asks_daemon(router, listeners, f"router {ROUTER}")
-    if transport is None:
-        findings.append(problem("exim", f"{path} has no transport {TRANSPORT}: copy it from "
-                                        "contrib/exim/exim.conf"))
-    else:
-        for option, value in TRANSPORT_OPTIONS.items():
-            if transport.options.get(option) != value:
-                findings.append(problem("exim", f"transport {TRANSPORT} lacks {option} = {value}: enforce mail "
-                                                "could go out unverified; copy the transport from contrib"))
-        findings += _asks_daemon(transport, listeners, f"transport {TRANSPORT}")
+    for piece in EXIM_PIECES:
+        findings += _check_exim_router(parsed, piece, listeners, path)
+        if piece.transport is not None:
+            findings += _check_exim_transport(parsed, piece, path)
+    transport = parsed.transport(TRANSPORT)
+    if transport is not None:
+        findings += _asks_daemon(transport, listeners, f"transport {TRANSPORT}")  # the MTA-STS MX filter
         cas = transport.options.get("tls_verify_certificates", "")
         if cas not in ("", "system") and not (file_certificates(cas) or directory_certificates(cas)):
             findings.append(problem("exim", f"transport {TRANSPORT}: tls_verify_certificates = {cas} holds no "
                                             "certificate: set it to system (the machine's store)"))
     if not findings:
-        findings.append(ok("exim", f"{path}: router {ROUTER} and transport {TRANSPORT} ask the daemon"))
+        routers = ", ".join(piece.router for piece in EXIM_PIECES)
+        transports = ", ".join(piece.transport for piece in EXIM_PIECES if piece.transport)
+        findings.append(ok("exim", f"{path}: routers {routers} ask the daemon; transports {transports} are set"))
     return findings
+
+
+def _check_exim_router(parsed: eximconf.EximConfig, piece: EximPiece, listeners: tuple[Address, ...],
+                       path: str) -> list[Finding]:
+    router = parsed.router(piece.router)
+    if router is None:
+        return [problem("exim", f"{path} has no router {piece.router}: copy it from contrib/exim/exim.conf, "
+                                "before your remote (dnslookup) router")]
+    findings = []
+    ours = {p.router for p in EXIM_PIECES}
+    earlier = [d.name for d in parsed.routers[:parsed.routers.index(router)]
+               if d.options.get("driver") in ("dnslookup", "manualroute") and d.name not in ours]
+    if earlier:
+        findings.append(problem("exim", f"router {', '.join(earlier)} comes before {piece.router} and routes "
+                                        f"remote mail first: move {piece.router} before it"))
+    if piece.transport is not None and router.options.get("transport") != piece.transport:
+        findings.append(problem("exim", f"router {piece.router} does not use transport {piece.transport}: set "
+                                        f"transport = {piece.transport}"))
+    return findings + _asks_daemon(router, listeners, f"router {piece.router}")
+
+
+def _check_exim_transport(parsed: eximconf.EximConfig, piece: EximPiece, path: str) -> list[Finding]:
+    transport = parsed.transport(piece.transport or "")
+    if transport is None:
+        return [problem("exim", f"{path} has no transport {piece.transport}: copy it from contrib/exim/exim.conf")]
+    return [problem("exim", f"transport {piece.transport} lacks {option} = {value}: {piece.without}; copy the "
+                            "transport from contrib")
+            for option, value in piece.options if transport.options.get(option) != value]
 
 
 def check_exim_parses(path: str, binary: str | None) -> list[Finding]:

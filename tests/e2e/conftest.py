@@ -10,7 +10,10 @@ import pytest
 import yaml
 
 from tests.conftest import Daemon
+from tests.e2e.daemon_dane import daemon_dane_config
 from tests.e2e.world import (
+    DANE_SCENARIOS,
+    FACT_SCENARIOS,
     SCENARIOS,
     World,
     in_private_namespace,
@@ -32,21 +35,23 @@ def world() -> Iterator[World]:
         pytest.skip(message)
     directory = temp_dir("mtasts-e2e-")
     world = start_world(directory)
-    for scenario in SCENARIOS:
+    for scenario in SCENARIOS + DANE_SCENARIOS + FACT_SCENARIOS:
         world.publish(scenario)
     try:
         yield world
     finally:
         world.stop()
         world.https.stop()
+        world.signed.stop()
         world.dns.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def policyd(world: World) -> Iterator[Daemon]:
-    """mtasts-policyd on its default ports, resolving through the world's DNS server and trusting
-    what the machine trusts (no fetch.ca_file, no variable choosing a CA store)."""
+    """mtasts-policyd on its default ports, resolving through the world's validating resolver and
+    trusting what the machine trusts (no fetch.ca_file, no variable choosing a CA store); with the
+    contract's `dane` section (issue 9) once the daemon takes it (tests/e2e/daemon_dane.py)."""
     config = {
         "socketmap": {"listen": [f"127.0.0.1:{SOCKETMAP_PORT}"]},
         "exim": {"listen": [f"127.0.0.1:{EXIM_PORT}"]},
@@ -56,6 +61,7 @@ def policyd(world: World) -> Iterator[Daemon]:
         # Short bounds so a changed policy id is followed within the test's TXT TTL.
         "resolver": {"txt_ttl_min": 1, "negative_ttl_min": 1, "backoff_min": 1, "dns_backoff_min": 1},
         "log_level": "debug",  # a line per map query, cached answers too: the tests count Postfix's queries
+        **daemon_dane_config(),
     }
     path = world.directory / "policyd.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -37,7 +37,8 @@ POSTSUPER = "/usr/sbin/postsuper"
 # files are written, so a change to the contrib file that breaks these tests is reported as such).
 EXPECTED_FROM_CONTRIB = {
     "smtp_tls_policy_maps": "socketmap:inet:127.0.0.1:8461:postfix",
-    "smtp_tls_security_level": "may",
+    "smtp_tls_security_level": "dane",
+    "smtp_dns_support_level": "dnssec",
     "smtp_tls_CAfile": "/etc/ssl/certs/ca-certificates.crt",
 }
 
@@ -176,6 +177,11 @@ class PostfixInstance:
     def postconf(self, name: str) -> str:
         """The effective main.cf value of `name`."""
         out = self._run([POSTCONF, "-c", str(self.config_dir), "-h", name])
+        return out.stdout.decode().strip()
+
+    def postconf_expanded(self, name: str) -> str:
+        """The effective value of `name` with $parameters expanded (`postconf -x`)."""
+        out = self._run([POSTCONF, "-c", str(self.config_dir), "-xh", name])
         return out.stdout.decode().strip()
 
     def service_param(self, service: str, name: str) -> str:

@@ -115,7 +115,8 @@ def test_instance_runs_contrib_settings_with_fresh_lookups(postfix: PostfixInsta
     assert postfix.running()
     assert postfix.postconf("mail_version").startswith("3.7")
     assert postfix.postconf("smtp_tls_policy_maps") == "socketmap:inet:127.0.0.1:8461:postfix"
-    assert postfix.postconf("smtp_tls_security_level") == "may"
+    assert postfix.postconf("smtp_tls_security_level") == "dane"
+    assert postfix.postconf("smtp_dns_support_level") == "dnssec"
     assert postfix.postconf("smtp_tls_CAfile") == "/etc/ssl/certs/ca-certificates.crt"  # as shipped
     assert postfix.service_param("smtp/unix", "max_use") == "1"
     assert all(postfix.service_field(f"{name}/unix", "chroot") == "n" for name in ("smtp", "qmgr", "cleanup"))

@@ -16,6 +16,7 @@ import yaml
 
 from mtasts_policyd.net.trust import directory_certificates, file_certificates
 from tests.conftest import run_cli
+from tests.test_doctor import DANE_WARNING, EXIM_PIECES_OK
 from tests.e2e.exim_mta import CONFIG as CONTRIB_EXIM_CONF
 from tests.e2e.exim_mta import EXIM
 from tests.e2e.postfix_mta import PostfixInstance
@@ -76,12 +77,13 @@ def test_doctor_finds_the_live_setup_well(world: World, policyd) -> None:
         "ok socketmap: 127.0.0.1:8461 answers",
         "ok exim-listener: 127.0.0.1:8462 answers",
         f"ok trust-store: trust store={MACHINE_STORE.format(cas=machine_cas())}",
-        "ok resolver: 127.0.0.1 port 53 answers (. has no NS record)",
+        "ok resolver: 127.0.0.1 port 53 answers (. NS: 1 name)",
         f"ok cache: {cache}: {cache.parent} is writable",
         "ok postfix: smtp_tls_policy_maps entry socketmap:inet:127.0.0.1:8461:postfix answers",
         f"ok postfix: smtp_tls_CAfile = {SYSTEM_BUNDLE} ({len(file_certificates(SYSTEM_BUNDLE))} CAs)",
-        "ok postfix: smtp_tls_security_level = may",
-        f"ok exim: {CONTRIB_EXIM_CONF}: router mtasts_enforce and transport mtasts_smtp ask the daemon",
+        "ok postfix: smtp_tls_security_level = dane",
+        DANE_WARNING,  # until the daemon answers DANE (issue 9, branch i9-daemon)
+        f"ok exim: {CONTRIB_EXIM_CONF}: {EXIM_PIECES_OK}",
         f"ok exim: {EXIM} -C {CONTRIB_EXIM_CONF} -bV accepts it",
-        "doctor: 0 problems, 0 warnings",
+        "doctor: 0 problems, 1 warning",
     ]

@@ -14,6 +14,11 @@ The world:
 - `zone()` adds child zones below "test." (or below another zone): signed (delegated with DS) or
   insecure (delegated without DS, served unsigned); `lame()` adds a delegated child whose only
   server is a rig DnsServer answering SERVFAIL or REFUSED (unbound forwards it there);
+  `external()` adds an insecure child served by a server of the caller's (e.g. the plain rig
+  DnsServer of the end-to-end world), which unbound asks without caching, so a change there is
+  seen at once, as if the resolver were that server;
+- the resolver listens on a free high port, or on the `resolver_port` given (53 in a private
+  network namespace, where it becomes the system resolver);
 - records are changed with `set`/`add`/`remove` and go live with `publish()`: every changed zone
   is signed again, written, reloaded by nsd (checked by its SOA serial) and unbound's cache is
   flushed, so the change is visible at the resolver when `publish()` returns;
@@ -51,7 +56,7 @@ import dns.rrset
 import dns.zone
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .bounded import BoundedServer
+from .bounded import BoundedServer, require_loopback
 from .dns_server import DnsServer, _make_rdata
 
 ALGORITHM = dns.dnssec.Algorithm.ECDSAP256SHA256  # RFC 8624 §3.1: MUST implement, widely deployed
@@ -99,6 +104,7 @@ class Zone:
     negative_ttl: int
     key: Key = field(default_factory=_new_key)
     lame: str | None = None  # what the child's only server answers: "servfail" or "refused"
+    server: str | None = None  # external(): "host@port" of the server that holds the zone
     records: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], tuple[int, list[dns.rdata.Rdata]]] = \
         field(default_factory=dict)
     bogus: dict[tuple[dns.name.Name, dns.rdatatype.RdataType], list[dns.rdata.Rdata]] = field(default_factory=dict)
@@ -128,17 +134,18 @@ class Zone:
 class DnssecWorld(BoundedServer):
     """nsd (authoritative) and unbound (validating) on loopback, bounded by `lifetime` seconds.
 
-    `resolver_port` is where clients ask (unbound, on `host`); `nsd_port` answers authoritatively.
-    Thread-safe: one lock serialises changes and publishing.
+    `resolver_port` is where clients ask (unbound, on `host`; 0: a free high port, chosen at start);
+    `nsd_port` answers authoritatively. Thread-safe: one lock serialises changes and publishing.
     """
 
     def __init__(self, host: str = "127.0.0.1", *, lifetime: float = 900, negative_ttl: int = 60,
-                 val_bogus_ttl: int = 1) -> None:
+                 val_bogus_ttl: int = 1, resolver_port: int = 0) -> None:
         super().__init__(host, 0, lifetime)
         self.negative_ttl = negative_ttl
         self.val_bogus_ttl = val_bogus_ttl
         self.nsd_port = 0
-        self.resolver_port = 0
+        self.resolver_port = resolver_port
+        self._fixed_resolver_port = resolver_port != 0
         self.directory = Path()  # made by start(): zone files, configurations, sockets, logs
         self.zones: dict[dns.name.Name, Zone] = {}
         self.fault_server = DnsServer(host, lifetime=lifetime)
@@ -151,11 +158,12 @@ class DnssecWorld(BoundedServer):
 
     # ----- zones -----------------------------------------------------------
 
-    def _new_zone(self, origin: dns.name.Name, *, signed: bool, lame: str | None = None) -> Zone:
+    def _new_zone(self, origin: dns.name.Name, *, signed: bool, lame: str | None = None,
+                  server: str | None = None) -> Zone:
         with self._lock:
             if origin in self.zones:
                 raise ValueError(f"zone {origin} exists already")
-            zone = Zone(origin, signed, self.negative_ttl, lame=lame)
+            zone = Zone(origin, signed, self.negative_ttl, lame=lame, server=server)
             self.zones[origin] = zone
             parent = self._parent_of(origin)
             if parent is not None:
@@ -186,6 +194,18 @@ class DnssecWorld(BoundedServer):
             raise ValueError(f"unknown answer {answer!r}; expected one of {LAME_ANSWERS}")
         return self._new_zone(_name(name or f"{label}{next(_labels)}.test."), signed=signed, lame=answer)
 
+    def external(self, name: str, host: str, port: int) -> Zone:
+        """An insecure child (delegated without DS, RFC 4035 §5.2) whose records live on the
+        caller's server at host:port (a rig DnsServer, say), not here: unbound forwards every
+        question in it there and caches none of the answers (`forward-no-cache`), so a change on
+        that server is seen at once. Only before start(): the forward is part of unbound's
+        configuration."""
+        require_loopback(host)
+        with self._lock:
+            if self._processes:
+                raise RuntimeError("external() zones must be added before start()")
+            return self._new_zone(_name(name), signed=False, server=f"{host}@{port}")
+
     def set_signed(self, zone: Zone, signed: bool) -> None:
         """Make a zone secure or insecure (served unsigned, its DS gone from the parent)."""
         with self._lock:
@@ -212,8 +232,8 @@ class DnssecWorld(BoundedServer):
         rdatas = [_make_rdata(rtype, value) for value in values]
         with self._lock:
             zone = self.zone_of(name)
-            if zone.lame is not None:
-                raise ValueError(f"{zone.name} is lame: its server has no records")
+            if zone.lame is not None or zone.server is not None:
+                raise ValueError(f"{zone.name} is lame or external: its records are not served here")
             _, existing = zone.records.get((name, rtype), (ttl, []))
             zone.records[(name, rtype)] = (ttl, existing + [r for r in rdatas if r not in existing])
             zone.dirty = True
@@ -261,7 +281,7 @@ class DnssecWorld(BoundedServer):
             serial = next(self._serials)
             for zone in changed:
                 zone.serial = serial
-                if zone.lame is None:
+                if zone.lame is None and zone.server is None:
                     (self.directory / zone.file_name).write_text(self._render(zone))
             if self._processes:
                 self._load(changed)
@@ -298,7 +318,9 @@ class DnssecWorld(BoundedServer):
 
     def _load(self, zones: list[Zone]) -> None:
         for zone in zones:
-            if zone.lame is not None:
+            if zone.server is not None:
+                zone.served = True  # unbound.conf forwards it (external() comes before start())
+            elif zone.lame is not None:
                 if not zone.served:
                     self.fault_server.fault(zone.name, zone.lame, subtree=True)
                     # unbound asks the child's "server" (the fault server) for every name in it.
@@ -310,7 +332,7 @@ class DnssecWorld(BoundedServer):
             else:
                 self._nsd_control("reload", zone.name)
         for zone in zones:
-            if zone.lame is None:
+            if zone.lame is None and zone.server is None:
                 self._wait_for_serial(zone)
         self.flush()
 
@@ -369,6 +391,9 @@ class DnssecWorld(BoundedServer):
         self._start_nsd()
         self._start_unbound()
         self._wait_validating()
+        early = [zone for zone in self.zones.values() if not zone.served]  # zones made before start()
+        if early:
+            self._load(early)
 
     def _shutdown(self) -> None:
         for name, process in self._processes.items():
@@ -412,8 +437,9 @@ class DnssecWorld(BoundedServer):
             return False
 
     def _start_unbound(self) -> None:
-        for _ in range(5):
-            self.resolver_port = _free_port(self.host)
+        for _ in range(1 if self._fixed_resolver_port else 5):
+            if not self._fixed_resolver_port:
+                self.resolver_port = _free_port(self.host)
             (self.directory / "unbound.conf").write_text(self._unbound_conf())
             process = self._run("unbound", ["unbound", "-d", "-c", str(self.directory / "unbound.conf")])
             if self._until(lambda: (self.directory / "unbound.ctl").exists() and self._answers(), process):
@@ -535,7 +561,15 @@ remote-control:
 forward-zone:
     name: "."
     forward-addr: {self.host}@{self.nsd_port}
-"""
+{self._external_forwards()}"""
+
+    def _external_forwards(self) -> str:
+        """A forward, without caching, for every external() zone."""
+        return "".join(f"""forward-zone:
+    name: "{zone.name}"
+    forward-addr: {zone.server}
+    forward-no-cache: yes
+""" for zone in self.zones.values() if zone.server is not None)
 
 
 def _path(name: str) -> str:
