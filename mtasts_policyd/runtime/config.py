@@ -29,6 +29,7 @@ from mtasts_policyd.frontends.listeners import parse_address, parse_owner
 from mtasts_policyd.net.dns import DnsSettings
 from mtasts_policyd.net.https import FetchSettings
 from mtasts_policyd.ops.status_http import parse_metrics_address
+from mtasts_policyd.resolution.dane import DaneSettings
 from mtasts_policyd.resolution.resolver import ResolverSettings
 
 
@@ -136,6 +137,7 @@ class Config:
     dns: DnsSettings = DnsSettings()
     fetch: FetchSettings = FetchSettings()
     resolver: ResolverSettings = ResolverSettings()
+    dane: DaneSettings = DaneSettings()  # DANE takes precedence (README "DANE")
     overrides: dict[str, OverrideConfig] = field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
     # threads for DNS/HTTPS work (concurrent resolutions)
