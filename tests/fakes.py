@@ -29,7 +29,23 @@ def _key(name: str) -> str:
     return name.lower().rstrip(".")
 
 
-class FakeDiscovery:
+class _Faults:
+    """`fault(name, "servfail" | "timeout")`: every query for the name fails so (None: no more)."""
+
+    _faults: dict[str, str]
+    _lock: threading.Lock
+
+    def fault(self, name: str, kind: str | None) -> None:
+        if kind is not None and kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
+        with self._lock:
+            if kind is None:
+                self._faults.pop(_key(name), None)
+            else:
+                self._faults[_key(name)] = kind
+
+
+class FakeDiscovery(_Faults):
     """DNS in memory: records per (name, type) with one TTL per RRset; a name with no records at
     all is NXDOMAIN, a name without the asked type NODATA (both NoRecord with `negative_ttl`, RFC
     2308); `fault(name, "servfail" | "timeout")` makes every query for it a DnsTemporaryFailure.
@@ -62,15 +78,6 @@ class FakeDiscovery:
                 types.clear()
             else:
                 types.pop(rdtype, None)
-
-    def fault(self, name: str, kind: str | None) -> None:
-        if kind is not None and kind not in FAULTS:
-            raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
-        with self._lock:
-            if kind is None:
-                self._faults.pop(_key(name), None)
-            else:
-                self._faults[_key(name)] = kind
 
     def count(self, name: str, rdtype: str | None = None) -> int:
         key = _key(name)
@@ -180,7 +187,7 @@ class FakeFetcher:
         return served.body
 
 
-class FakeDnssec:
+class FakeDnssec(_Faults):
     """A validating resolver in memory (the net/dnssec.DnssecQuestions seam), for DANE's fast tests.
 
     Records per (name, type) with one TTL per RRset, values in presentation format; a name with no
@@ -211,15 +218,6 @@ class FakeDnssec:
     def insecure(self, zone: str) -> None:
         """Names at or below `zone` are answered without AD (a zone delegated without DS)."""
         self._insecure.add(_key(zone))
-
-    def fault(self, name: str, kind: str | None) -> None:
-        if kind is not None and kind not in FAULTS:
-            raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
-        with self._lock:
-            if kind is None:
-                self._faults.pop(_key(name), None)
-            else:
-                self._faults[_key(name)] = kind
 
     def count(self, name: str | None = None, rdtype: str | None = None) -> int:
         with self._lock:
