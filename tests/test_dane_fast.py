@@ -270,6 +270,27 @@ def test_require_while_the_resolver_does_not_validate(fake_net, dnssec, daneful,
                                                                                           "dane-only")
 
 
+class CountingGate(DaneGate):
+    def next_probe(self) -> float:
+        self.asked = getattr(self, "asked", 0) + 1
+        return super().next_probe()
+
+
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_prober_waits_between_probes(dnssec, mode):
+    """Probes every probe_interval; with dane.mode off not at all (until a reload wakes it)."""
+    gate = CountingGate(DaneSettings(mode=mode, probe_interval=60), dnssec)
+
+    async def run_briefly() -> None:
+        try:
+            await asyncio.wait_for(gate.run_prober(), 0.3)
+        except asyncio.TimeoutError:
+            pass
+    asyncio.run(run_briefly())
+    assert getattr(gate, "asked", 0) <= 2  # no spinning
+    assert dnssec.count(".", "NS") == (0 if mode == "off" else 1)
+
+
 def test_probe_word_is_taken_over_on_restart_for_the_same_resolver_while_fresh(dnssec):
     notes = MemoryStore()
     settings = DaneSettings(probe_interval=300)

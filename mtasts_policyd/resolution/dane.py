@@ -273,8 +273,10 @@ class DaneGate:
         restarted is trusted again soon); nothing while the mode is off."""
         self._wake = asyncio.Event()
         while True:
+            off = self.settings.mode == "off"  # nothing to probe until a reload turns DANE on (wake)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(self.next_probe() - time.time(), 0.0))
+                await asyncio.wait_for(self._wake.wait(),
+                                       timeout=None if off else max(self.next_probe() - time.time(), 0.0))
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
@@ -282,5 +284,6 @@ class DaneGate:
                 continue
             try:
                 await self.probe_now()
-            except Exception as exc:  # the prober must outlive any surprise
+            except Exception as exc:  # the prober must outlive any surprise, and not spin on one
                 log.error("dane probe failed: %r", exc)
+                await asyncio.sleep(PROBE_RETRY)

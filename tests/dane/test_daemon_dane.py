@@ -292,6 +292,22 @@ def test_probe_failing_in_auto_answers_mta_sts_and_reports_degraded(rig: Rig, wo
         daemon.stop()
 
 
+def test_mode_off_is_pure_mta_sts(rig: Rig, world: DnssecWorld, tmp_path: Path) -> None:
+    domain, _ = dane_and_sts(world, rig)
+    world.publish()
+    metrics = free_port()
+    config = write_daemon_config(rig, world, tmp_path, tmp_path / "cache.sqlite3", dane={"mode": "off"},
+                                 metrics={"listen": f"127.0.0.1:{metrics}"})
+    daemon = start(config, tmp_path / "daemon.log")
+    try:
+        assert answers(daemon, domain) == sts_answer(f"mx.{domain}")
+        assert json.loads(get(metrics, "/health")[2])["dane"] == {"mode": "off", "state": "off"}
+        assert ("mtasts_dane_validating", frozenset({("mode", "off")})) not in scrape(metrics)
+        assert "dane " not in daemon.logs()  # no probe, no DANE lookup
+    finally:
+        daemon.stop()
+
+
 def test_probe_failing_in_require_defers_unknown_domains_and_keeps_known_ones(rig: Rig, world: DnssecWorld,
                                                                                tmp_path: Path) -> None:
     probe_zone = world.zone(label="probe")
