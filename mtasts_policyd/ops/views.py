@@ -171,8 +171,14 @@ def dane_text_lines(view: dict[str, Any]) -> list[str]:
         lines.append(f"  dane_applied_reason: {printable(view['applied_reason'])}")
     if view.get("state") == "degraded":
         lines.append(f"  dane_probe: {printable(str(view.get('detail', '')))}")
+    return lines + branch_text_lines(view)
+
+
+def branch_text_lines(view: dict[str, Any]) -> list[str]:
+    """A cached DANE branch (branch_view) for people: verdict, MX RRset, each MX host and TLSA record."""
     if "verdict" not in view:
-        return lines
+        return []
+    lines = []
     lines.append(f"  dane_verdict: {view['verdict']} ({printable(view['reason'])}), ttl {view['ttl']}s, "
                  f"decided {view['decided_at']}, expires {view['expires_at']}")
     mx = view["mx"]

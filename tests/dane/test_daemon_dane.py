@@ -365,6 +365,10 @@ def test_query_shows_the_dane_branch_per_mx_host(world: DnssecWorld, rig: Rig,
     assert f"  dane_host: mx1.{domain} address secure 127.0.0.40 ::1 ttl 300s; tlsa secure ttl 300s" in text
     assert f"  dane_tlsa: mx1.{domain} {TLSA} usable" in text
     assert "  dane: dane (mode auto, resolver validating)" in text
+    shown = json.loads(run_cli("cache", "show", domain, "--config", str(config), "--json").stdout)
+    assert shown["dane"]["verdict"] == "dane" and shown["dane"]["hosts"] == dane["hosts"]
+    shown_text = run_cli("cache", "show", domain, "--config", str(config)).stdout
+    assert f"  dane_tlsa: mx1.{domain} {TLSA} usable" in shown_text
 
 
 def test_survey_shows_dane_beside_mta_sts(world: DnssecWorld, rig: Rig, setup: tuple[Daemon, Path],
