@@ -26,6 +26,7 @@ from mtasts_policyd.resolution.dane import STALE_LIMIT, DaneGate, DaneSettings, 
 from mtasts_policyd.resolution.resolver import CacheState, PolicyResolver
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.runtime.config import Config, ConfigError, build, checked
+from mtasts_policyd.runtime.daemon import start_dane
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.entry import Entry, merge
 from mtasts_policyd.store.memory import MemoryStore
@@ -306,6 +307,19 @@ def test_probe_word_is_taken_over_on_restart_for_the_same_resolver_while_fresh(d
     taken = DaneGate(settings, dnssec, notes=notes, identity="127.0.0.1@53")
     taken.restore(now)
     assert taken.state == "validating" and taken.next_probe() == pytest.approx(first.checked_at + 300)
+
+
+def test_start_up_warns_for_a_resolver_off_loopback(dnssec, caplog):
+    """Issue 9: the AD bit is only as trustworthy as the path to the resolver."""
+    config = build(Config, {"dns": {"nameservers": ["127.0.0.1", "192.0.2.53"]}})
+    gate = DaneGate(config.dane, dnssec)
+    asyncio.run(start_dane(gate, config))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("dane resolver=192.0.2.53 is not on loopback")
+    assert gate.state == "validating" and dnssec.count(".", "NS") == 1  # probed before the first lookup
+    caplog.clear()
+    asyncio.run(start_dane(DaneGate(replace(config.dane, mode="off"), dnssec), config))
+    assert not caplog.records and dnssec.count(".", "NS") == 1  # off: no warning, no probe
 
 
 def test_resolver_off_loopback_is_named():
