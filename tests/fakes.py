@@ -13,7 +13,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import dns.rrset
+
 from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, NoRecord
+from mtasts_policyd.net.dnssec import Denial, DnssecAnswer, DnssecDenial, DnssecResult
 from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
 from mtasts_policyd.net.trust import TrustStore
 from tests.conftest import ENFORCE
@@ -26,7 +29,23 @@ def _key(name: str) -> str:
     return name.lower().rstrip(".")
 
 
-class FakeDiscovery:
+class _Faults:
+    """`fault(name, "servfail" | "timeout")`: every query for the name fails so (None: no more)."""
+
+    _faults: dict[str, str]
+    _lock: threading.Lock
+
+    def fault(self, name: str, kind: str | None) -> None:
+        if kind is not None and kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
+        with self._lock:
+            if kind is None:
+                self._faults.pop(_key(name), None)
+            else:
+                self._faults[_key(name)] = kind
+
+
+class FakeDiscovery(_Faults):
     """DNS in memory: records per (name, type) with one TTL per RRset; a name with no records at
     all is NXDOMAIN, a name without the asked type NODATA (both NoRecord with `negative_ttl`, RFC
     2308); `fault(name, "servfail" | "timeout")` makes every query for it a DnsTemporaryFailure.
@@ -59,15 +78,6 @@ class FakeDiscovery:
                 types.clear()
             else:
                 types.pop(rdtype, None)
-
-    def fault(self, name: str, kind: str | None) -> None:
-        if kind is not None and kind not in FAULTS:
-            raise ValueError(f"unknown fault {kind!r}; expected one of {FAULTS}")
-        with self._lock:
-            if kind is None:
-                self._faults.pop(_key(name), None)
-            else:
-                self._faults[_key(name)] = kind
 
     def count(self, name: str, rdtype: str | None = None) -> int:
         key = _key(name)
@@ -175,6 +185,63 @@ class FakeFetcher:
         if served.status != 200:
             raise FetchError(f"GET {host} answered HTTP {served.status}")
         return served.body
+
+
+class FakeDnssec(_Faults):
+    """A validating resolver in memory (the net/dnssec.DnssecQuestions seam), for DANE's fast tests.
+
+    Records per (name, type) with one TTL per RRset, values in presentation format; a name with no
+    records at all is NXDOMAIN, one without the asked type NODATA (negative TTL `negative_ttl`).
+    Every answer comes with AD (secure) unless the name is at or below a zone made `insecure()`,
+    or the resolver is not `validating` (then nothing has AD, the root's NS included: the probe
+    fails). `fault(name, "servfail" | "timeout")` fails every question for the name (what a
+    validating resolver answers for bogus data and lame servers). Every question is counted.
+    """
+
+    def __init__(self, negative_ttl: int = 60, validating: bool = True) -> None:
+        self.negative_ttl = negative_ttl
+        self.validating = validating
+        self._data: dict[tuple[str, str], tuple[list[str], int]] = {("", "NS"): (["a.root.test."], 3600)}
+        self._insecure: set[str] = set()
+        self._faults: dict[str, str] = {}
+        self.queries: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def set(self, name: str, rdtype: str, *values: str, ttl: int = 300) -> None:
+        """Replace the RRset (no values: remove it)."""
+        with self._lock:
+            if values:
+                self._data[(_key(name), rdtype)] = (list(values), ttl)
+            else:
+                self._data.pop((_key(name), rdtype), None)
+
+    def insecure(self, zone: str) -> None:
+        """Names at or below `zone` are answered without AD (a zone delegated without DS)."""
+        self._insecure.add(_key(zone))
+
+    def count(self, name: str | None = None, rdtype: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for n, t in self.queries if (name is None or n == _key(name)) and rdtype in (None, t))
+
+    async def query(self, name: str, rdtype: str) -> DnssecResult:
+        key = _key(name)
+        absolute = f"{key}." if key else "."
+        with self._lock:
+            self.queries.append((key, rdtype))
+            fault = self._faults.get(key)
+            found = self._data.get((key, rdtype))
+            exists = any(n == key for n, _ in self._data)
+        if fault == "servfail":
+            raise DnsTemporaryFailure(f"{absolute} {rdtype}: 127.0.0.1@53 answered SERVFAIL (DNSSEC Bogus)")
+        if fault == "timeout":
+            raise DnsTemporaryFailure(f"{absolute} {rdtype}: timed out")
+        secure = self.validating and not any(key == zone or key.endswith(f".{zone}") for zone in self._insecure)
+        if found is None:
+            kind = Denial.NODATA if exists else Denial.NXDOMAIN
+            return DnssecDenial(absolute, rdtype, kind, self.negative_ttl, secure)
+        values, ttl = found
+        rrset = dns.rrset.from_text_list(absolute, ttl, "IN", rdtype, values)
+        return DnssecAnswer(absolute, rdtype, rrset, absolute, ttl, secure)
 
 
 @dataclass

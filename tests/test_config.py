@@ -67,6 +67,9 @@ BAD = [
     ("tlsrpt: {sending_ips: [mail.example.com]}\n", "tlsrpt.sending_ips", "not an IP address"),
     ("tlsrpt: {organization_name: ''}\n", "tlsrpt.organization_name", "must not be empty"),
     ("tlsrpt: {colour: blue}\n", "tlsrpt", "unknown key(s) colour"),
+    ("dane: {mode: strict}\n", "dane.mode", "one of auto, require, off"),
+    ("dane: {probe: 'example.test'}\n", "dane.probe", "'NAME TYPE'"),
+    ("dane: {ttl_min: 7200}\n", "dane.ttl_min", "must not exceed dane.ttl_max"),
 ]
 
 
@@ -95,6 +98,8 @@ def test_defaults_and_examples_are_valid(tmp_path):
                     "resolver: {txt_ttl_min: 1, txt_ttl_max: 1}\ncache: {check_interval: 0.1}\n")
     config = load(str(path))
     assert config.workers == 1 and type(config.workers) is int and config.resolver.txt_ttl_max == 1
+    path.write_text("dane: {mode: off}\n")  # YAML 1.1 reads the unquoted word as false
+    assert load(str(path)).dane.mode == "off"
 
 
 @pytest.mark.parametrize(("written", "mode"), [

@@ -183,9 +183,8 @@ def contrib_main_cf(port: int) -> str:
 
 @needs_postconf
 def test_postfix_with_contrib_main_cf_is_well(daemon, tmp_path, capsys):
-    """contrib's main.cf (DANE by default, DNSSEC lookups on) has no problem. Its one warning holds
-    while the daemon gives MTA-STS answers only (issue 9: the daemon's DANE answers come with
-    branch i9-daemon, which makes the enforce answer give way to DANE and this warning go)."""
+    """contrib's main.cf (DANE by default, DNSSEC lookups on) has no problem and no warning: the
+    daemon answers DANE first (dane.mode auto), so an enforce answer never replaces DANE."""
     code, lines = doctor(capsys, "--config", doctor_config(daemon, tmp_path), "--postfix",
                          "--postconf-dir", postfix_dir(tmp_path, contrib_main_cf(daemon.port)))
     assert code == 0, lines
@@ -193,9 +192,8 @@ def test_postfix_with_contrib_main_cf_is_well(daemon, tmp_path, capsys):
         f"ok postfix: smtp_tls_policy_maps entry socketmap:inet:127.0.0.1:{daemon.port}:postfix answers",
         f"ok postfix: smtp_tls_CAfile = {SYSTEM_BUNDLE} ({len(file_certificates(SYSTEM_BUNDLE))} CAs)",
         "ok postfix: smtp_tls_security_level = dane",
-        DANE_WARNING,
     ]
-    assert lines[-1] == "doctor: 0 problems, 1 warning"
+    assert lines[-1] == "doctor: 0 problems, 0 warnings"
 
 
 def postfix_case(name: str, port: int, tmp_path: Path) -> tuple[str, list[str]]:
@@ -257,21 +255,26 @@ def test_postfix_problems(daemon, tmp_path, capsys, case):
     assert problems(lines) == expected
 
 
-DANE_WARNING = ("warning postfix: an MTA-STS enforce answer replaces smtp_tls_security_level = dane for its "
-                "destination (RFC 8461 §2 wants DANE to win): for destinations with TLSA records, list a DANE "
+DANE_WARNING = ("warning postfix: with dane.mode off an MTA-STS enforce answer replaces smtp_tls_security_level "
+                "= dane for its destination (RFC 8461 §2 wants DANE to win): set dane.mode auto, or list a DANE "
                 "policy table before the socketmap in smtp_tls_policy_maps")
 
 
 @needs_postconf
-def test_postfix_dane_is_a_warning_unless_a_table_comes_first(daemon, tmp_path, capsys):
-    """With DANE as the default level, this version's enforce answer replaces DANE for a destination
+def test_postfix_dane_is_a_warning_only_with_dane_mode_off(daemon, tmp_path, capsys):
+    """With DANE as Postfix's default level, the daemon answers DANE first (dane.mode auto, the
+    default; README "DANE"). With dane.mode off its enforce answer replaces DANE for a destination
     (RFC 8461 §2 wants DANE to win): a warning, unless a table is asked before the daemon."""
     socketmap = f"socketmap:inet:127.0.0.1:{daemon.port}:postfix"
     base = f"smtp_tls_CAfile = {SYSTEM_BUNDLE}\nsmtp_tls_security_level = dane\nsmtp_dns_support_level = dnssec\n"
-    config = doctor_config(daemon, tmp_path)
+    only_socketmap = postfix_dir(tmp_path, base + f"smtp_tls_policy_maps = {socketmap}\n")
 
-    code, lines = doctor(capsys, "--config", config, "--postconf-dir",
-                         postfix_dir(tmp_path, base + f"smtp_tls_policy_maps = {socketmap}\n"))
+    code, lines = doctor(capsys, "--config", doctor_config(daemon, tmp_path), "--postconf-dir", only_socketmap)
+    assert code == 0 and not [line for line in lines if line.startswith("warning ")]
+    assert "ok postfix: smtp_tls_security_level = dane" in lines
+
+    config = doctor_config(daemon, tmp_path, dane={"mode": "off"})
+    code, lines = doctor(capsys, "--config", config, "--postconf-dir", only_socketmap)
     assert code == 0
     assert [line for line in lines if line.startswith("warning ")] == [DANE_WARNING]
 

@@ -23,7 +23,7 @@ from mtasts_policyd.commands.common import command_with_actions
 from mtasts_policyd.core.names import to_alabel
 from mtasts_policyd.core.policy import Mode
 from mtasts_policyd.ops import cachetool
-from mtasts_policyd.ops.views import printable, text_lines
+from mtasts_policyd.ops.views import branch_text_lines, printable, text_lines
 from mtasts_policyd.runtime.config import Config
 from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
 from mtasts_policyd.store.base import CacheWriteError
@@ -161,8 +161,9 @@ def list_command(args: argparse.Namespace, config: Config) -> int:
 
 def _print_details(info: dict[str, Any]) -> None:
     print(info["domain"])
-    for line in text_lines(info, skip=("domain", "policy_body", "policy_body_encoding")):
+    for line in text_lines(info, skip=("domain", "policy_body", "policy_body_encoding", "dane")):
         print(line)
+    print("\n".join(branch_text_lines(info["dane"])) if info["dane"] else "  dane: -")
     body = info["policy_body"]
     if body is None:
         print("  policy_body: -")

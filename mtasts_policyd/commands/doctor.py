@@ -62,7 +62,7 @@ def doctor(args: argparse.Namespace, config: Config) -> int:
     findings = [*check_listeners(listeners), *check_trust_store(store), *check_resolver(config.dns),
                 *check_cache(cache_path(config))]
     if args.postfix_check or args.postconf_dir:
-        findings += check_postfix(listeners, store, args.postconf_dir)
+        findings += check_postfix(listeners, store, args.postconf_dir, config.dane.mode)
     if args.exim_check or args.exim_config:
         findings += check_exim(listeners.exim, args.exim_config or default_exim_config(),
                                args.exim_binary or find_exim())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 from mtasts_policyd.commands.common import add_common_options
 from mtasts_policyd.core.names import clean_key
 from mtasts_policyd.frontends.socketmap import map_reply
-from mtasts_policyd.ops.views import decision_view, printable, text_lines
+from mtasts_policyd.ops.views import dane_text_lines, decision_view, printable, text_lines
+from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
+from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.runtime.daemon import CacheMissing, build_resolver, require_cache
+from mtasts_policyd.runtime.daemon import CacheMissing, build_dane, build_resolver, require_cache, start_dane
 
 
 def register(sub: Any) -> None:
@@ -43,25 +46,44 @@ def query(args: argparse.Namespace, config: Config) -> int:
             print(f"mtasts-policyd query: {exc}; or use --no-cache", file=sys.stderr)
             return 1
     resolver = build_resolver(config, memory_only=args.no_cache)
+    resolver.dane = build_dane(config, notes=resolver.cache)
     try:
-        for key in args.domains:
-            domain = clean_key(key)
-            decision = None
-            if domain is not None:
-                decision = resolver.cached(domain)[0] or resolver.resolve(domain).decision
+        decisions = asyncio.run(decide_all(resolver, config, args.domains))
+        for key, decision in zip(args.domains, decisions):
             answer = map_reply(decision, maps[name])
             info = decision_view(key, decision, answer, resolver)
             if args.json:
                 print(json.dumps(info))
-            else:
-                print(f"{printable(key)}: {answer}")
-                shown = {field: value for field, value in info.items() if value not in (None, [], "")}
-                if "trust_store" in shown:
-                    shown["trust_store"] = str(resolver.trust)  # one line: kind, files, number of CAs
-                for line in text_lines(shown, skip=("key", "answer")):
-                    print(line)
-                for note in info.get("trust_store", {}).get("notes", []):
-                    print(f"  trust_store_note: {printable(note)}")
+                continue
+            print(f"{printable(key)}: {answer}")
+            shown = {field: value for field, value in info.items() if value not in (None, [], "")}
+            if "trust_store" in shown:
+                shown["trust_store"] = str(resolver.trust)  # one line: kind, files, number of CAs
+            for line in text_lines(shown, skip=("key", "answer", "dane")):
+                print(line)
+            for note in info.get("trust_store", {}).get("notes", []):
+                print(f"  trust_store_note: {printable(note)}")
+            if "dane" in info:
+                print("\n".join(dane_text_lines(info["dane"])))
     finally:
         resolver.cache.close()
     return 0
+
+
+async def decide_all(resolver: PolicyResolver, config: Config, keys: list[str]) -> list[Decision | None]:
+    """What the daemon would answer for each key: through its own service (the cache, then the
+    network for what is not usable: MTA-STS and DANE at once), DANE's state known first."""
+    assert resolver.dane is not None
+    await start_dane(resolver.dane, config)
+    service = PolicyService(resolver, workers=4)
+    try:
+        decisions: list[Decision | None] = []
+        for key in keys:
+            domain = clean_key(key)
+            decision = None
+            if domain is not None:
+                decision = service.cached(domain, refresh=False) or await service.resolve(domain)
+            decisions.append(decision)
+        return decisions
+    finally:
+        service.close()

@@ -7,6 +7,7 @@ bounded run with its progress bar, where the report and its summary go, and the 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import IO, Any
 
 from mtasts_policyd.commands.common import add_common_options, concurrency
 from mtasts_policyd.net.dns import DnsDiscovery
+from mtasts_policyd.net.dnssec import DnssecResolver, ProbeTarget, probe
 from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.ops.domainlist import read_domain_list
 from mtasts_policyd.ops.pool import Progress, run_bounded
@@ -56,11 +58,26 @@ def _surveyor(config: Config, update_cache: bool, stack: contextlib.ExitStack) -
     """Without --update-cache nothing opens the cache file, so a survey never creates or locks
     the daemon's cache; with it, the daemon's own wiring (same cache path, same settings)."""
     discovery = DnsDiscovery(config.dns)
+    dnssec, ttl = dane_resolver(config), config.dane.ttl
     if not update_cache:
-        return Surveyor(discovery, fetcher=PolicyFetcher(discovery, config.fetch))
+        return Surveyor(discovery, fetcher=PolicyFetcher(discovery, config.fetch), dnssec=dnssec, dane_ttl=ttl)
     resolver = build_resolver(config)
     stack.callback(resolver.cache.close)
-    return Surveyor(discovery, resolver=resolver)
+    return Surveyor(discovery, resolver=resolver, dnssec=dnssec, dane_ttl=ttl)
+
+
+def dane_resolver(config: Config) -> DnssecResolver | None:
+    """The validating resolver to survey DANE with, or None (no DANE columns) when `dane.mode` is off
+    or the resolver does not pass the trust probe: without AD every answer reads "insecure", and
+    columns saying so would be wrong, not empty (README "Survey")."""
+    if config.dane.mode == "off":
+        return None
+    resolver = DnssecResolver(config.dns)
+    result = asyncio.run(probe(resolver, ProbeTarget.parse(config.dane.probe)))
+    if not result.validating:
+        print(f"mtasts-policyd survey: no DANE columns: {result.detail}", file=sys.stderr)
+        return None
+    return resolver
 
 
 def survey_domains(config: Config, domains: Sequence[str], *, update_cache: bool = False,

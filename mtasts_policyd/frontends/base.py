@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from mtasts_policyd.core.dane_verdict import DaneDecision, Verdict
 from mtasts_policyd.resolution.resolver import CacheState, Decision
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class FrontEndCounters(Protocol):
     def protocol_error(self) -> None:
         """A connection closed for breaking the protocol (a broken frame, no request in time)."""
 
+    def dane_answered(self, verdict: str) -> None:
+        """A reply that came from the DANE verdict (dane-only, dane, temp), not the MTA-STS answer."""
+
 
 class NoCounts:
     """Counters that count nothing: for a front end built without metrics (tests, tools)."""
@@ -43,6 +47,9 @@ class NoCounts:
         pass
 
     def protocol_error(self) -> None:
+        pass
+
+    def dane_answered(self, verdict: str) -> None:
         pass
 
 
@@ -110,7 +117,20 @@ def decision_log_fields(decision: Decision) -> str:
     """The grep-able key=value part of a decision's log line, the same for every front end."""
     failure = f" failure={decision.failure}" if decision.failure and decision.policy is None else ""
     override = f" override_reason={decision.override.reason!r}" if decision.override else ""
-    return f"domain={decision.domain} cache={decision.state.value} reason={decision.reason}{failure}{override}"
+    dane = ""
+    if decision.dane_applied is not None:
+        dane = f" dane={decision.dane_applied.verdict.value}"
+        if decision.dane_applied.verdict is Verdict.TEMP:
+            dane += f" dane_reason={decision.dane_applied.reason!r}"
+    return f"domain={decision.domain} cache={decision.state.value} reason={decision.reason}{failure}{override}{dane}"
+
+
+def dane_reply(decision: Decision | None, reply: Callable[[DaneDecision], str | None]) -> str | None:
+    """The reply of the DANE verdict that applies to `decision` (answers/dane.py's `reply` form), or
+    None when the MTA-STS answer stands: RFC 8461 §2, DANE first."""
+    if decision is None or decision.dane_applied is None:
+        return None
+    return reply(decision.dane_applied)
 
 
 # Answers from the cache with no network and nothing an operator must see: logged at debug, as a

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mtasts_policyd.answers.dane import exim_reply
 from mtasts_policyd.core.names import clean_key
 from mtasts_policyd.core.policy import Mode
 from mtasts_policyd.frontends.base import (
@@ -27,6 +28,7 @@ from mtasts_policyd.frontends.base import (
     FrontEnd,
     FrontEndCounters,
     NoCounts,
+    dane_reply,
     decision_log_fields,
 )
 from mtasts_policyd.frontends.listeners import ConnectionSlots
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from mtasts_policyd.runtime.config import EximConfig
 
 log = logging.getLogger("mtasts_policyd.exim")
+
+DANE_ANSWERS = ("dane-only", "dane", "temp")  # replies of the DANE verdict (answers/dane.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,11 @@ class EximSettings:
 
 
 def policy_reply(decision: Decision | None) -> str:
+    """The DANE verdict's reply where one applies ("dane-only", "dane", "temp <reason>"; RFC 8461
+    §2), else the MTA-STS policy's."""
+    dane = dane_reply(decision, exim_reply)
+    if dane is not None:
+        return dane
     policy = decision.policy if decision is not None else None
     if policy is None or policy.mode is Mode.NONE:
         return "none"  # RFC 8461 §5: none, no policy and no usable policy all mean "as before"
@@ -98,7 +107,10 @@ class EximFrontEnd:
         reply = mx_reply(decision, args[1]) if verb == "mx" else policy_reply(decision)
         answer = reply.split(" ", 1)[0]
         self.counters.answered(answer, decision, time.perf_counter() - started)
-        level = logging.DEBUG if decision is None or decision.state in QUIET_STATES else logging.INFO  # README "Logs"
+        if answer in DANE_ANSWERS:
+            self.counters.dane_answered(answer)
+        quiet = decision is None or (decision.state in QUIET_STATES and answer != "temp")
+        level = logging.DEBUG if quiet else logging.INFO  # README "Logs"
         if log.isEnabledFor(level):
             target = f" host={args[1]}" if verb == "mx" else ""
             what = decision_log_fields(decision) if decision is not None else f"key={args[0][:100]!r} reason=not-a-policy-domain"

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from mtasts_policyd.answers.dane import socketmap_answer
 from mtasts_policyd.answers.postfix import MapOptions, tls_policy
+from mtasts_policyd.core.dane_verdict import Verdict
 from mtasts_policyd.core.names import clean_key
 from mtasts_policyd.frontends.base import (
     QUIET_STATES,
     FrontEnd,
     FrontEndCounters,
     NoCounts,
+    dane_reply,
     decision_log_fields,
 )
 from mtasts_policyd.frontends.listeners import ConnectionSlots
@@ -56,7 +59,11 @@ class SocketmapSettings:
 
 
 def map_reply(decision: Decision | None, options: MapOptions) -> str:
-    """The socketmap reply for a decision (socketmap_table(5)): "OK <policy>" or "NOTFOUND "."""
+    """The socketmap reply for a decision (socketmap_table(5)): the DANE verdict's reply where one
+    applies ("OK dane-only", "OK dane", "TEMP <reason>"; RFC 8461 §2), else "OK <policy>" or "NOTFOUND "."""
+    dane = dane_reply(decision, socketmap_answer)
+    if dane is not None:
+        return dane
     policy = tls_policy(decision, options) if decision is not None else None
     return f"OK {policy}" if policy else "NOTFOUND "
 
@@ -98,18 +105,21 @@ class SocketmapFrontEnd:
     def _reply(self, name: str, key: str, options: MapOptions, decision: Decision | None,
                elapsed: float = 0.0) -> str:
         reply = self._policy_reply(options, decision) if decision is not None else "NOTFOUND "
-        policy = reply != "NOTFOUND "
-        self.counters.answered("OK" if policy else "NOTFOUND", decision, elapsed)  # at once: 0 s, no clock read
+        answer = "NOTFOUND" if reply == "NOTFOUND " else "OK" if reply.startswith("OK ") else "TEMP"
+        self.counters.answered(answer, decision, elapsed)  # at once: 0 s, no clock read
+        dane = decision.dane_applied if decision is not None else None
+        if dane is not None and dane.verdict is not Verdict.NONE:  # map_reply answered the verdict
+            self.counters.dane_answered(dane.verdict.value)
         # Cached answers and keys that cannot be domains are debug: at info, a line per cached
-        # lookup would cost more than the lookup (README "Logs").
+        # lookup would cost more than the lookup (README "Logs"); a TEMP is always shown.
         if decision is None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("socketmap map=%s answer=NOTFOUND key=%r reason=not-a-policy-domain", name, key[:100])
-        elif decision.state in QUIET_STATES:
+        elif decision.state in QUIET_STATES and answer != "TEMP":
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", decision_log_fields(decision))
+                log.debug("socketmap map=%s answer=%s %s", name, answer, decision_log_fields(decision))
         elif log.isEnabledFor(logging.INFO):
-            log.info("socketmap map=%s answer=%s %s", name, "OK" if policy else "NOTFOUND", decision_log_fields(decision))
+            log.info("socketmap map=%s answer=%s %s", name, answer, decision_log_fields(decision))
         return reply
 
     def immediate(self, request: bytes) -> tuple[str | None, str | None]:

@@ -31,14 +31,14 @@ from mtasts_policyd.core.names import mail_hosts
 from mtasts_policyd.net.dnssec import (
     DnssecAnswer,
     DnssecDenial,
-    DnssecResolver,
+    DnssecQuestions,
     DnssecResult,
 )
 
 MAX_IN_FLIGHT = 16  # questions at once per domain: a domain with many MX hosts must not flood the resolver
 
 
-async def dane_inputs(resolver: DnssecResolver, domain: str) -> DaneInputs:
+async def dane_inputs(resolver: DnssecQuestions, domain: str) -> DaneInputs:
     """MX, then addresses and TLSA of every MX host, for `domain` (a cleaned A-label name)."""
     domain = domain.rstrip(".").lower()
     gate = asyncio.Semaphore(MAX_IN_FLIGHT)

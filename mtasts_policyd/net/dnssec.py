@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 import dns.asyncresolver
 import dns.edns
@@ -80,6 +81,14 @@ DnssecResult = DnssecAnswer | DnssecDenial
 def absolute(name: str) -> str:
     """Questions are always for absolute names: no search list, no surprise suffix."""
     return name if name.endswith(".") else f"{name}."
+
+
+class DnssecQuestions(Protocol):
+    """What DANE asks of DNS (the seam: DnssecResolver below; tests/fakes.py has one in memory)."""
+
+    async def query(self, name: str, rdtype: str) -> DnssecResult:
+        """One question; DnsTemporaryFailure when it gets no usable answer."""
+        ...
 
 
 class DnssecResolver:
@@ -173,7 +182,7 @@ class ProbeResult:
     detail: str
 
 
-async def probe(resolver: DnssecResolver, target: ProbeTarget) -> ProbeResult:
+async def probe(resolver: DnssecQuestions, target: ProbeTarget) -> ProbeResult:
     """Ask `target`; a resolver that does not validate (or a path that strips AD) answers without AD."""
     try:
         result = await resolver.query(target.name, target.rdtype)
@@ -183,3 +192,14 @@ async def probe(resolver: DnssecResolver, target: ProbeTarget) -> ProbeResult:
     if result.secure:
         return ProbeResult(True, f"{target}: {what} with AD")
     return ProbeResult(False, f"{target}: {what} without AD: the resolver does not validate DNSSEC")
+
+
+def resolver_addresses(settings: DnsSettings) -> tuple[str, ...]:
+    """The addresses questions go to: `dns.nameservers`, else /etc/resolv.conf's (empty if it
+    cannot be read)."""
+    if settings.nameservers:
+        return settings.nameservers
+    try:
+        return tuple(str(server) for server in dns.resolver.Resolver().nameservers)
+    except dns.exception.DNSException:
+        return ()

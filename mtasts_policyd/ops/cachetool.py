@@ -14,7 +14,7 @@ from typing import Any
 
 from mtasts_policyd.core.errors import InvalidPolicy
 from mtasts_policyd.core.policy import parse_policy
-from mtasts_policyd.ops.views import failure_fields, iso_time, policy_fields
+from mtasts_policyd.ops.views import branch_view, failure_fields, iso_time, policy_fields
 from mtasts_policyd.store.base import CacheWriteError
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.codec import body_fields, entry_from_record, export_document
@@ -84,6 +84,7 @@ def details(entry: Entry, now: float) -> dict[str, Any]:
         "last_lookup": iso_time(entry.last_lookup),
         "warnings": list(policy.warnings) if policy else [],
         "policy_error": _body_error(entry),
+        "dane": branch_view(entry.dane) if entry.dane is not None else None,  # the DANE half (README "DANE")
     }
     info.update(body_fields(bytes(entry.policy_body) if entry.policy_body is not None else None))
     return info

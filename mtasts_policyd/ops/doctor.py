@@ -376,7 +376,7 @@ def check_postfix_cas(values: dict[str, str], store: TrustStore) -> list[Finding
     return findings
 
 
-def check_postfix_level(listeners: Listeners, values: dict[str, str]) -> list[Finding]:
+def check_postfix_level(listeners: Listeners, values: dict[str, str], dane_mode: str = "auto") -> list[Finding]:
     """The default level for destinations without an enforce policy, and DANE's requirements."""
     level, dns_level = values["smtp_tls_security_level"], values["smtp_dns_support_level"]
     if level in ("", "none"):
@@ -390,27 +390,30 @@ def check_postfix_level(listeners: Listeners, values: dict[str, str]) -> list[Fi
         findings = [problem("postfix", f"smtp_tls_security_level = {level} needs smtp_dns_support_level = dnssec "
                                        f"(it is {dns_level or '(empty)'}): without it Postfix uses no DANE; set "
                                        "smtp_dns_support_level = dnssec")]
-    # RFC 8461 §2 wants DANE to win; this version's enforce answer replaces the level instead,
-    # unless a table asked before the daemon answers for the destinations with TLSA records.
+    # RFC 8461 §2 wants DANE to win: the daemon answers DANE first (README "DANE") unless dane.mode
+    # is off; then its enforce answer replaces the level, unless a table asked before it answers.
+    if dane_mode != "off":
+        return findings
     entries, ours = _policy_maps(listeners, values)
     if entries and ours and entries[0] != ours[0][0]:
         findings.append(ok("postfix", f"smtp_tls_policy_maps asks {entries[0]} before this daemon: destinations "
                                       "it lists keep their DANE level"))
         return findings
-    findings.append(warning("postfix", f"an MTA-STS enforce answer replaces smtp_tls_security_level = {level} "
-                                       "for its destination (RFC 8461 §2 wants DANE to win): for destinations "
-                                       "with TLSA records, list a DANE policy table before the socketmap in "
-                                       "smtp_tls_policy_maps"))
+    findings.append(warning("postfix", f"with dane.mode off an MTA-STS enforce answer replaces "
+                                       f"smtp_tls_security_level = {level} for its destination (RFC 8461 §2 wants "
+                                       "DANE to win): set dane.mode auto, or list a DANE policy table before the "
+                                       "socketmap in smtp_tls_policy_maps"))
     return findings
 
 
-def check_postfix(listeners: Listeners, store: TrustStore, config_dir: str | None) -> list[Finding]:
+def check_postfix(listeners: Listeners, store: TrustStore, config_dir: str | None,
+                  dane_mode: str = "auto") -> list[Finding]:
     try:
         values = postconf(POSTFIX_PARAMETERS, config_dir)
     except PostconfError as exc:
         return [problem("postfix", str(exc))]
     return [*check_postfix_map(listeners, values), *check_postfix_cas(values, store),
-            *check_postfix_level(listeners, values)]
+            *check_postfix_level(listeners, values, dane_mode)]
 
 
 # ----- Exim ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from mtasts_policyd import __version__
+from mtasts_policyd.core.dane_verdict import Verdict
 from mtasts_policyd.core.errors import FailureKind
 from mtasts_policyd.resolution.resolver import Outcome
 from mtasts_policyd.resolution.service import DROP_REASONS
@@ -39,6 +40,9 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    1.0, 2.5, 5.0, 10.0, 30.0)
 OVERRIDE_ACTIONS = ("ignore", "enforce")
 REFRESH_OUTCOMES = tuple(outcome.value for outcome in Outcome)
+DANE_VERDICTS = tuple(verdict.value for verdict in Verdict)
+DANE_ANSWERS = tuple(v for v in DANE_VERDICTS if v != Verdict.NONE.value)  # the ones that replace MTA-STS
+PROBE_RESULTS = ("validating", "not-validating")  # the trust probe came back with AD, or not
 
 Sample = tuple[dict[str, str], float]
 Family = tuple[str, str, str, Iterable[Sample]]  # name, type, help, samples
@@ -53,13 +57,14 @@ class FrontEndMetrics:
     microseconds and is observed as 0 s, in the lowest bucket; `buckets` holds only the timed ones.
     """
 
-    __slots__ = ("name", "lookups", "overrides", "protocol_errors", "bounds", "buckets", "seconds")
+    __slots__ = ("name", "lookups", "overrides", "protocol_errors", "dane", "bounds", "buckets", "seconds")
 
     def __init__(self, name: str, bounds: Iterable[float] = LATENCY_BUCKETS) -> None:
         self.name = name
         self.lookups: defaultdict[tuple[str, str], int] = defaultdict(int)  # (answer, cache) -> count
         self.overrides: defaultdict[str, int] = defaultdict(int)  # action -> count
         self.protocol_errors = 0  # broken frames, timeouts: no request, so not a lookup
+        self.dane: dict[str, int] = dict.fromkeys(DANE_ANSWERS, 0)  # replies from a DANE verdict
         self.bounds = tuple(bounds)
         self.buckets = [0] * (len(self.bounds) + 1)  # timed lookups per bucket (not cumulative; last: +Inf)
         self.seconds = 0.0
@@ -78,6 +83,9 @@ class FrontEndMetrics:
 
     def protocol_error(self) -> None:
         self.protocol_errors += 1
+
+    def dane_answered(self, verdict: str) -> None:
+        self.dane[verdict] = self.dane.get(verdict, 0) + 1
 
     def histogram(self) -> list[int]:
         """Lookups per bucket, untimed ones (0 s) in the first."""
@@ -102,6 +110,8 @@ class Metrics:
         self.fetches: dict[str, int] = dict.fromkeys(["ok", *fetch_failures], 0)
         self.refreshes: dict[str, int] = dict.fromkeys(REFRESH_OUTCOMES, 0)
         self.refresh_failures: dict[str, int] = dict.fromkeys([FailureKind.DNS_TEMPORARY.value, *fetch_failures], 0)
+        self.dane_lookups: dict[str, int] = dict.fromkeys(DANE_VERDICTS, 0)
+        self.dane_probes: dict[str, int] = dict.fromkeys(PROBE_RESULTS, 0)
 
     def frontend(self, name: str) -> FrontEndMetrics:
         """The counters of the front end called `name` (made at first use: its series start at 0)."""
@@ -127,6 +137,15 @@ class Metrics:
     def refresh_failed(self, kind: str) -> None:
         self._count(self.refresh_failures, kind)
 
+    # --- DANE (event loop): resolution/dane.DaneCounters ---
+
+    def dane_decided(self, verdict: str) -> None:
+        """A DANE lookup and its verdict (README: mtasts_dane_lookups_total)."""
+        self._count(self.dane_lookups, verdict)
+
+    def dane_probed(self, validating: bool) -> None:
+        self._count(self.dane_probes, PROBE_RESULTS[0] if validating else PROBE_RESULTS[1])
+
     # --- exposition ---
 
     def render(self, gauges: Iterable[Family] = (), dropped: dict[str, int] | None = None) -> str:
@@ -134,6 +153,7 @@ class Metrics:
         `dropped`: the service's resolutions not seen through, by reason."""
         with self._lock:
             fetches, refreshes, failures = dict(self.fetches), dict(self.refreshes), dict(self.refresh_failures)
+            dane_lookups, dane_probes = dict(self.dane_lookups), dict(self.dane_probes)
         dropped = {**dict.fromkeys(DROP_REASONS, 0), **(dropped or {})}
         out: list[str] = []
 
@@ -168,6 +188,14 @@ class Metrics:
         family("mtasts_refresh_failures_total", "counter",
                "Resolutions that failed and started a back-off, by failure kind.",
                (({"kind": k}, n) for k, n in sorted(failures.items())))
+        family("mtasts_dane_answers_total", "counter",
+               "Replies that came from a DANE verdict (dane-only, dane, temp) instead of the MTA-STS answer.",
+               (({"frontend": f.name, "verdict": v}, n) for f in fronts for v, n in sorted(f.dane.items())))
+        family("mtasts_dane_lookups_total", "counter", "DANE lookups (MX, addresses, TLSA), by verdict.",
+               (({"verdict": v}, n) for v, n in sorted(dane_lookups.items())))
+        family("mtasts_dane_probes_total", "counter",
+               "Trust probes of the DNS resolver, by result (validating: the answer came with AD).",
+               (({"result": r}, n) for r, n in sorted(dane_probes.items())))
         out.append("# HELP mtasts_lookup_seconds Time from taking up a request to its reply, by front end.")
         out.append("# TYPE mtasts_lookup_seconds histogram")
         for front in fronts:

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
@@ -43,7 +43,8 @@ class MetricsServer:
     def __init__(self, cache: PolicyCache, registry: Metrics, max_connections: int = 64,
                  listeners: dict[str, ConnectionSlots] | None = None,
                  pending: Callable[[], int] | None = None,
-                 dropped: Callable[[], dict[str, int]] | None = None) -> None:
+                 dropped: Callable[[], dict[str, int]] | None = None,
+                 dane: Callable[[], dict[str, Any]] | None = None) -> None:
         self.cache = cache
         self.registry = registry
         self.stopping = False  # set on SIGTERM: /health answers 503 while lookups drain
@@ -53,6 +54,7 @@ class MetricsServer:
         self.listeners = {**(listeners or {}), "metrics": self.slots}
         self.pending = pending  # resolutions in flight or queued now
         self.dropped = dropped  # resolutions not seen through, by reason
+        self.dane = dane  # DANE's mode and probe state (resolution/dane.DaneGate.status)
 
     def protocol(self) -> HttpProtocol:
         return HttpProtocol(self)
@@ -62,13 +64,16 @@ class MetricsServer:
 
         A cache whose last write failed is reported ("degraded", persistent false, and how many
         entries wait in memory for the disk) but still 200: the daemon answers correctly from
-        memory and writes them when the disk is back; a restart would lose them.
+        memory and writes them when the disk is back; a restart would lose them. DANE's state has
+        its own object: a resolver that does not validate makes DANE "degraded", not the daemon.
         """
         stats = self.cache.stats(count_rows=False)
         status = "stopping" if self.stopping else "ok" if stats.persistent else "degraded"
         body = {"status": status, "version": __version__,
                 "uptime_seconds": round(time.time() - self.registry.started, 3),
                 "cache": {"path": stats.path, "persistent": stats.persistent, "unsaved_entries": stats.unsaved}}
+        if self.dane is not None:
+            body["dane"] = self.dane()
         return (503 if self.stopping else 200), body
 
     async def metrics(self) -> str:
@@ -99,6 +104,11 @@ class MetricsServer:
         gauges.append(("mtasts_connections_refused_total", "counter",
                        "New connections closed at max_connections because every open one had a request pending.",
                        [({"listener": name}, slots.refused) for name, slots in listeners]))
+        dane = self.dane() if self.dane is not None else None
+        if dane is not None and dane["mode"] != "off":
+            gauges.append(("mtasts_dane_validating", "gauge",
+                           "1 while the DNS resolver's answers come with AD (the trust probe), 0 while DANE is "
+                           "degraded.", [({"mode": dane["mode"]}, int(dane["state"] == "validating"))]))
         if self.pending is not None:
             gauges.append(("mtasts_resolutions_pending", "gauge", "Resolutions in flight or queued now.",
                            [({}, self.pending())]))

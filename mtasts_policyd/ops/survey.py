@@ -17,18 +17,24 @@ same vocabulary as logs and `query`, and the summary counts kinds, not free text
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mtasts_policyd.core.dane_verdict import DaneBranch, DaneTtl, Verdict, decide
 from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
 from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.core.tlsrpt_record import TlsRptRecord
 from mtasts_policyd.net.base import Discovery, Fetcher
+from mtasts_policyd.net.dane_lookup import dane_inputs
+from mtasts_policyd.net.dnssec import DnssecQuestions
 from mtasts_policyd.net.lookup import TXT_KINDS, get_policy, mail_hosts
+from mtasts_policyd.ops.views import host_view, mx_secure, tlsa_summary
 from mtasts_policyd.resolution.resolver import PolicyResolver
 
 FORMATS = ("markdown", "csv", "json")
@@ -37,6 +43,7 @@ DEFAULT_CONCURRENCY = 16
 OUTCOMES = tuple(mode.value for mode in Mode) + tuple(kind.value for kind in FailureKind)
 TLSRPT_STATES = ("valid", FailureKind.NO_RECORD.value, FailureKind.INVALID_RECORD.value,
                  FailureKind.DNS_TEMPORARY.value)
+DANE_VERDICTS = tuple(verdict.value for verdict in Verdict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class SurveyRow:
     mx_failure: Failure | None = None
     tlsrpt: TlsRptRecord | None = None
     tlsrpt_failure: Failure | None = None  # no-record, invalid-record, dns-temporary
+    dane: DaneBranch | None = None  # the DANE decision and what it read; None: DANE not surveyed
 
     @property
     def outcome(self) -> str:
@@ -94,15 +102,19 @@ class SurveySummary:
     outcomes: dict[str, int]  # OUTCOMES -> domains; sums to total
     mx_mismatch: int  # domains with at least one MX host outside their enforce/testing policy
     tlsrpt: dict[str, int]  # TLSRPT_STATES -> domains; sums to total
+    dane: dict[str, int] | None = None  # DANE_VERDICTS -> domains, when DANE was surveyed
 
     @classmethod
     def of(cls, rows: Sequence[SurveyRow]) -> SurveySummary:
         outcomes = dict.fromkeys(OUTCOMES, 0)
         tlsrpt = dict.fromkeys(TLSRPT_STATES, 0)
+        dane = dict.fromkeys(DANE_VERDICTS, 0) if any(row.dane is not None for row in rows) else None
         for row in rows:
             outcomes[row.outcome] = outcomes.get(row.outcome, 0) + 1
             tlsrpt[row.tlsrpt_status] += 1
-        return cls(len(rows), outcomes, sum(row.mx_match is False for row in rows), tlsrpt)
+            if dane is not None and row.dane is not None:
+                dane[row.dane.verdict.value] += 1
+        return cls(len(rows), outcomes, sum(row.mx_match is False for row in rows), tlsrpt, dane)
 
 
 # ----- surveying one domain -------------------------------------------------------------------
@@ -112,16 +124,32 @@ class Surveyor:
     """Surveys one domain per call; thread-safe (the network seams and the resolver are)."""
 
     def __init__(self, discovery: Discovery, fetcher: Fetcher | None = None,
-                 resolver: PolicyResolver | None = None) -> None:
+                 resolver: PolicyResolver | None = None, dnssec: DnssecQuestions | None = None,
+                 dane_ttl: DaneTtl = DaneTtl()) -> None:
+        """`dnssec`: a validating resolver to survey DANE with (None: no DANE columns)."""
         if (fetcher is None) == (resolver is None):
             raise ValueError("give a fetcher (read-only survey) or a resolver (--update-cache), not both")
         self._discovery = discovery
         self._fetcher = fetcher
         self._resolver = resolver
+        self._dnssec = dnssec
+        self._dane_ttl = dane_ttl
 
     def survey(self, domain: str) -> SurveyRow:
         row = self._via_resolver(domain) if self._resolver is not None else self._direct(domain)
-        return self._with_tlsrpt(self._with_mx_check(row))
+        return self._with_dane(self._with_tlsrpt(self._with_mx_check(row)))
+
+    def _with_dane(self, row: SurveyRow) -> SurveyRow:
+        """The daemon's DANE decision for the domain (issue 9 table), asked now; with --update-cache
+        it is cached beside the MTA-STS half, as the daemon would. Runs in a worker thread: the
+        questions are asyncio, so they get a loop of their own."""
+        if self._dnssec is None:
+            return row
+        inputs = asyncio.run(dane_inputs(self._dnssec, row.domain))
+        branch = DaneBranch(decide(inputs, self._dane_ttl), inputs, time.time())
+        if self._resolver is not None:
+            self._resolver.store_dane(row.domain, branch)
+        return replace(row, dane=branch)
 
     def _direct(self, domain: str) -> SurveyRow:
         """RFC 8461 §3.1 then §3.3, as a sender would do them: no valid TXT record, no fetch."""
@@ -197,12 +225,19 @@ def row_json(row: SurveyRow) -> dict[str, Any]:
         "tlsrpt_record": row.tlsrpt.text if row.tlsrpt else None,
         "tlsrpt_rua": list(row.tlsrpt.rua) if row.tlsrpt else [],
         "tlsrpt_failure": _failure_json(row.tlsrpt_failure),
+        "dane": row.dane.verdict.value if row.dane else None,
+        "dane_reason": row.dane.decision.reason if row.dane else None,
+        "dane_mx_secure": mx_secure(row.dane) if row.dane else None,
+        "dane_hosts": [host_view(host) for host in row.dane.inputs.hosts] if row.dane else [],
     }
 
 
 def summary_json(summary: SurveySummary) -> dict[str, Any]:
-    return {"domains": summary.total, "outcomes": summary.outcomes, "mx_mismatch": summary.mx_mismatch,
-            "tlsrpt": summary.tlsrpt}
+    result = {"domains": summary.total, "outcomes": summary.outcomes, "mx_mismatch": summary.mx_mismatch,
+              "tlsrpt": summary.tlsrpt}
+    if summary.dane is not None:
+        result["dane"] = summary.dane
+    return result
 
 
 def render_json(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
@@ -213,7 +248,7 @@ def render_json(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
 
 CSV_COLUMNS = ("domain", "outcome", "txt", "txt_record", "txt_detail", "policy", "policy_detail", "mode",
                "mx", "max_age", "policy_warnings", "mx_hosts", "mx_match", "mx_unmatched", "mx_detail",
-               "tlsrpt", "tlsrpt_rua", "tlsrpt_detail")
+               "tlsrpt", "tlsrpt_rua", "tlsrpt_detail", "dane", "dane_reason", "dane_mx_secure", "dane_tlsa")
 
 
 def _detail(failure: Failure | None) -> str:
@@ -238,6 +273,9 @@ def row_csv(row: SurveyRow) -> dict[str, str]:
         "mx_unmatched": " ".join(row.mx_unmatched), "mx_detail": _detail(row.mx_failure),
         "tlsrpt": row.tlsrpt_status, "tlsrpt_rua": " ".join(row.tlsrpt.rua) if row.tlsrpt else "",
         "tlsrpt_detail": _detail(row.tlsrpt_failure),
+        "dane": row.dane.verdict.value if row.dane else "", "dane_reason": row.dane.decision.reason if row.dane else "",
+        "dane_mx_secure": _yes_no(mx_secure(row.dane)) if row.dane else "",
+        "dane_tlsa": "; ".join(tlsa_summary(host) for host in row.dane.inputs.hosts) if row.dane else "",
     }
 
 
@@ -255,6 +293,9 @@ def summary_lines(summary: SurveySummary) -> list[tuple[str, int]]:
     lines = [(outcome, count) for outcome, count in summary.outcomes.items()]
     lines.append(("mx-mismatch", summary.mx_mismatch))
     lines += [(f"tlsrpt-{state}", count) for state, count in summary.tlsrpt.items()]
+    if summary.dane is not None:
+        lines += [(f"dane-{verdict}" if not verdict.startswith("dane") else verdict, count)
+                  for verdict, count in summary.dane.items()]
     lines.append(("total", summary.total))
     return lines
 
@@ -269,6 +310,7 @@ def render_summary_csv(summary: SurveySummary) -> str:
 
 MARKDOWN_COLUMNS = ("domain", "TXT record", "policy", "mode", "mx patterns", "max_age", "MX hosts match",
                     "TLSRPT")
+DANE_MARKDOWN_COLUMNS = ("MX secure", "TLSA", "DANE")  # when DANE was surveyed
 
 
 def _cell(text: str) -> str:
@@ -315,12 +357,25 @@ def _tlsrpt_cell(row: SurveyRow) -> str:
     return _failure_cell(row.tlsrpt_failure) if row.tlsrpt_failure is not None else ""
 
 
-def markdown_cells(row: SurveyRow) -> tuple[str, ...]:
-    """One table row, in MARKDOWN_COLUMNS order; empty cells are drawn as "-"."""
+def _dane_cells(row: SurveyRow) -> tuple[str, ...]:
+    """MX secure, TLSA per MX host, the verdict (TEMP with its reason): DANE beside MTA-STS."""
+    branch = row.dane
+    if branch is None:
+        return "", "", ""
+    secure = mx_secure(branch)
+    mx = "failed" if secure is None else "yes" if secure else "no"
+    verdict = branch.verdict.value + (f": {branch.decision.reason}" if branch.verdict is Verdict.TEMP else "")
+    return mx, "; ".join(tlsa_summary(host) for host in branch.inputs.hosts), verdict
+
+
+def markdown_cells(row: SurveyRow, dane: bool = False) -> tuple[str, ...]:
+    """One table row, in MARKDOWN_COLUMNS order (then DANE_MARKDOWN_COLUMNS with `dane`); empty
+    cells are drawn as "-"."""
     policy = row.policy
-    return (row.domain, _txt_cell(row), _policy_cell(row), policy.mode.value if policy else "",
-            ", ".join(policy.mx) if policy else "", str(policy.max_age) if policy else "",
-            _mx_cell(row), _tlsrpt_cell(row))
+    cells = (row.domain, _txt_cell(row), _policy_cell(row), policy.mode.value if policy else "",
+             ", ".join(policy.mx) if policy else "", str(policy.max_age) if policy else "",
+             _mx_cell(row), _tlsrpt_cell(row))
+    return cells + _dane_cells(row) if dane else cells
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -331,7 +386,9 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> lis
 
 def render_markdown(rows: Sequence[SurveyRow], summary: SurveySummary) -> str:
     """The survey table, a blank line, then the summary as a second two-column table."""
-    lines = _markdown_table(MARKDOWN_COLUMNS, (markdown_cells(row) for row in rows))
+    dane = summary.dane is not None
+    header = MARKDOWN_COLUMNS + DANE_MARKDOWN_COLUMNS if dane else MARKDOWN_COLUMNS
+    lines = _markdown_table(header, (markdown_cells(row, dane) for row in rows))
     lines.append("")
     lines += _markdown_table(("summary", "domains"), ((label, str(n)) for label, n in summary_lines(summary)))
     return "\n".join(lines) + "\n"

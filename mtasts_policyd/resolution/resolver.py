@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from mtasts_policyd.core.dane_verdict import DaneBranch, DaneDecision
 from mtasts_policyd.core.errors import (
     DnsTemporaryFailure,
     Failure,
@@ -35,6 +36,7 @@ from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.net.base import Discovery, Fetcher, StsAnswer
 from mtasts_policyd.net.lookup import get_policy, mail_hosts
 from mtasts_policyd.net.trust import TrustStore
+from mtasts_policyd.resolution.dane import DaneGate, Need
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.entry import Entry, merge
 
@@ -62,6 +64,10 @@ class Decision:
     expires_at: float | None = None
     mx_hosts: tuple[str, ...] | None = None  # the domain's MX hosts, known when the policy has "*." patterns
     override: Override | None = None
+    dane: DaneBranch | None = None  # the DANE branch as cached (`query` shows it)
+    # What the front ends apply before the MTA-STS answer (issue 9: DANE takes precedence); None:
+    # the MTA-STS answer alone (no DANE, `dane.mode` off, or `auto` while the resolver does not validate).
+    dane_applied: DaneDecision | None = None
 
     @property
     def mode(self) -> Mode | None:
@@ -159,8 +165,9 @@ def _clamp(value: int | None, low: int, high: int) -> int:
     return max(low, min(high, value if value is not None else low))
 
 
-def decision_from(entry: Entry, now: float, state: CacheState) -> Decision:
-    """The decision at `now`; a MISS is the resolution that just ran, which applies what it fetched."""
+def decision_from(entry: Entry, now: float, state: CacheState, dane: DaneGate | None = None) -> Decision:
+    """The decision at `now`; a MISS is the resolution that just ran, which applies what it fetched.
+    `dane`: the daemon's DANE gate, which says what of the entry's DANE branch applies."""
     return Decision(
         domain=entry.domain,
         policy=entry.usable_policy(now, resolving=state is CacheState.MISS),
@@ -170,6 +177,8 @@ def decision_from(entry: Entry, now: float, state: CacheState) -> Decision:
         fetched_at=entry.fetched_at,
         expires_at=entry.expires_at,
         mx_hosts=entry.mx_hosts,
+        dane=entry.dane,
+        dane_applied=dane.applied(entry.domain, entry.dane, now) if dane is not None else None,
     )
 
 
@@ -198,9 +207,12 @@ class PolicyResolver:
         self._clock = clock
         self.overrides = overrides or {}  # replaced as a whole on reload (SIGHUP)
         self._counters: ResolutionCounters = counters if counters is not None else _NoCounters()
+        # DANE beside MTA-STS (resolution/dane.py): set by the daemon and `query`; None for the
+        # commands and tests that resolve MTA-STS alone (warm, survey, cache tools).
+        self.dane: DaneGate | None = None
         # The decision last built from each cached entry: a hit returns the same object until the
-        # entry is replaced (the lookup path runs on one thread: no lock).
-        self._decisions: dict[str, tuple[Entry, CacheState, Decision]] = {}
+        # entry is replaced or DANE's state changes (the lookup path runs on one thread: no lock).
+        self._decisions: dict[str, tuple[Entry, CacheState, int, Decision]] = {}
 
     @property
     def trust(self) -> TrustStore:
@@ -213,8 +225,15 @@ class PolicyResolver:
             return None
         return Decision(domain, override.policy, CacheState.OVERRIDE, override=override)
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     def cached(self, domain: str) -> tuple[Decision | None, bool]:
-        """(decision from the cache or None, whether a background refresh is due). No network."""
+        """(decision from the cache or None, whether a background refresh is due). No network.
+
+        None when the MTA-STS half or, where DANE applies, the DANE half has nothing usable cached.
+        """
         now = self._clock()
         if self.overrides:
             decision = self._overridden(domain, now)
@@ -224,24 +243,62 @@ class PolicyResolver:
         if entry is None:
             return None, False
         if entry.usable_policy(now) is not None:
+            state = CacheState.HIT
             due = now >= entry.retry_after and entry.refresh_due(now, self.settings.refresh_after)
-            return self._decision(entry, now, CacheState.HIT), due
-        if now < entry.negative_until:
-            return self._decision(entry, now, CacheState.NEGATIVE), False
-        if now < entry.retry_after:
-            return self._decision(entry, now, CacheState.BACKOFF), False
-        return None, False
+        elif now < entry.negative_until:
+            state, due = CacheState.NEGATIVE, False
+        elif now < entry.retry_after:
+            state, due = CacheState.BACKOFF, False
+        else:
+            return None, False
+        if self.dane is not None:
+            need = self.dane.need(entry.dane, now)
+            if need is Need.WAIT:
+                return None, False
+            due = due or need is Need.DUE
+        return self._decision(entry, now, state), due
 
     def _decision(self, entry: Entry, now: float, state: CacheState) -> Decision:
-        """decision_from, built once per entry and state (valid while the entry is unchanged)."""
+        """decision_from, built once per entry, state and DANE state (valid while none changes)."""
         memo = self._decisions.get(entry.domain)
-        if memo is not None and memo[0] is entry and memo[1] is state:
-            return memo[2]
+        generation = self.dane.generation if self.dane is not None else 0
+        if memo is not None and memo[0] is entry and memo[1] is state and memo[2] == generation:
+            return memo[3]
         if len(self._decisions) > 2 * self.cache.memory_entries:
             self._decisions.clear()
-        decision = decision_from(entry, now, state)
-        self._decisions[entry.domain] = (entry, state, decision)
+        decision = decision_from(entry, now, state, self.dane)
+        self._decisions[entry.domain] = (entry, state, generation, decision)
         return decision
+
+    def sts_due(self, domain: str) -> bool:
+        """Whether the MTA-STS half of the domain needs the network now (Entry.due; nothing cached)."""
+        entry = self.cache.get(domain)
+        return entry is None or entry.due(self._clock(), self.settings.refresh_after)
+
+    def dane_needed(self, domain: str) -> bool:
+        """Whether the DANE half of the domain needs the network now (resolution/dane.py)."""
+        if self.dane is None:
+            return False
+        entry = self.cache.get(domain)
+        return self.dane.need(entry.dane if entry else None, self._clock()) is not Need.NO
+
+    def store_dane(self, domain: str, branch: DaneBranch) -> Entry:
+        """Keep a DANE branch beside the domain's MTA-STS half (a worker thread: it writes the cache)."""
+        entry = self.cache.get(domain) or Entry(domain)
+        return self._commit(replace(entry, dane=branch))
+
+    def current(self, domain: str) -> Decision:
+        """The decision for what is cached now, as a resolution that just ran (a lookup that waited
+        on the DANE half alone)."""
+        entry = self.cache.get(domain) or Entry(domain)
+        return decision_from(entry, self._clock(), CacheState.MISS, self.dane)
+
+    def with_dane(self, decision: Decision, branch: DaneBranch | None, missing: str = "") -> Decision:
+        """`decision` with `branch` as its DANE half (`missing`: why there is none, for a TEMP)."""
+        if self.dane is None:
+            return decision
+        applied = self.dane.applied(decision.domain, branch, self._clock(), missing or "no DANE lookup was made")
+        return replace(decision, dane=branch, dane_applied=applied)
 
     @property
     def discovery(self) -> Discovery:
@@ -264,7 +321,7 @@ class PolicyResolver:
         before = self.cache.get(domain) or Entry(domain)
         entry, outcome = self._refresh_policy(before, now, refetch, txt)
         entry = self._commit(self._refresh_mx(entry, now))
-        decision = decision_from(entry, now, CacheState.MISS)
+        decision = decision_from(entry, now, CacheState.MISS, self.dane)
         resolution = Resolution(decision, outcome, before.policy_id if outcome is Outcome.CHANGED else None)
         self._counters.resolved(outcome)
         detail = f" detail={entry.failure.detail}" if entry.failure and decision.policy is None else ""
@@ -315,7 +372,7 @@ class PolicyResolver:
         self._counters.fetched("ok")
         fresh = Entry(entry.domain, txt_record=answer.record.text, policy_id=answer.record.id, policy_body=found.body,
                       policy=found.policy, fetched_at=now, txt_expires_at=txt_expires_at,
-                      last_lookup=entry.last_lookup, mx_hosts=entry.mx_hosts,
+                      last_lookup=entry.last_lookup, mx_hosts=entry.mx_hosts, dane=entry.dane,
                       version=entry.version)  # mx_expires_at 0: look at MX again
         changed = entry.policy_id not in (None, answer.record.id)
         return fresh, Outcome.CHANGED if changed else Outcome.FETCHED

@@ -2,13 +2,15 @@
 
 Cache hits are answered on the event loop without touching a thread. A miss is one resolution,
 shared by every lookup of that domain (one DNS query, one HTTPS fetch), whether it is a foreground
-miss or a background refresh, in two steps:
+miss or a background refresh. It does what is due of the domain's two halves, at once:
 
-1. the `_mta-sts` TXT query, on the event loop (dnspython's asyncio resolver): it is where
-   domains whose DNS never answers spend their time, and there they cost a socket and a timer,
-   not a worker thread, so a flood of them cannot hold up anybody else's lookup;
-2. the rest of the algorithm (`PolicyResolver.resolve` with that answer: HTTPS fetch, MX
-   lookup, cache write) in a bounded pool of worker threads.
+- MTA-STS, in two steps: the `_mta-sts` TXT query, on the event loop (dnspython's asyncio
+  resolver): it is where domains whose DNS never answers spend their time, and there they cost a
+  socket and a timer, not a worker thread, so a flood of them cannot hold up anybody else's
+  lookup; then the rest of the algorithm (`PolicyResolver.resolve` with that answer: HTTPS fetch,
+  MX lookup, cache write) in a bounded pool of worker threads;
+- DANE (resolution/dane.py), where it applies: the MX, address and TLSA questions, all on the
+  event loop, then one cache write in a worker thread beside the MTA-STS half.
 
 Nothing grows without bound: at most `resolver.max_pending` resolutions are in flight or queued
 (a lookup beyond that is answered at once, as for a DNS failure), each waiting lookup gives up
@@ -24,7 +26,7 @@ import time
 
 from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
 from mtasts_policyd.net.base import StsAnswer
-from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver
+from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver, Resolution
 from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
 from mtasts_policyd.store.base import PruneSettings
 
@@ -77,12 +79,13 @@ class PolicyService:
             return decision
         return await self.resolve(domain)
 
-    def cached(self, domain: str) -> Decision | None:
-        """The fast path alone, for front ends that want to avoid a coroutine on a hit."""
+    def cached(self, domain: str, refresh: bool = True) -> Decision | None:
+        """The fast path alone, for front ends that want to avoid a coroutine on a hit.
+        `refresh`: start the background refresh that is due (`query` only looks)."""
         self._seen[domain] = time.time()
         decision, refresh_due = self.resolver.cached(domain)
         # A refresh never takes more than half the room: misses, which wait, come first.
-        if decision is not None and refresh_due and domain not in self._pending and not self.stopping \
+        if decision is not None and refresh_due and refresh and domain not in self._pending and not self.stopping \
                 and len(self._pending) < self.resolver.settings.max_pending // 2:
             self._start(domain, background=True)
         return decision
@@ -123,7 +126,8 @@ class PolicyService:
         self._drop(domain, reason)
         log.warning("lookup domain=%s unanswered reason=%s pending=%d detail=%s", domain, reason,
                     len(self._pending), detail)
-        return Decision(domain, None, CacheState.MISS, failure=Failure(FailureKind.DNS_TEMPORARY, detail))
+        decision = Decision(domain, None, CacheState.MISS, failure=Failure(FailureKind.DNS_TEMPORARY, detail))
+        return self.resolver.with_dane(decision, None, detail)  # where DANE applies: its state is unknown, TEMP
 
     def _drop(self, domain: str, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -139,14 +143,33 @@ class PolicyService:
         return flight
 
     async def _run(self, domain: str) -> Decision:
+        """The halves that need the network, at once (a cold domain: both); their decision."""
+        resolver = self.resolver
+        sts = asyncio.ensure_future(self._sts(domain)) if resolver.sts_due(domain) else None
+        dane = None
+        if resolver.dane is not None and resolver.dane_needed(domain):
+            dane = asyncio.ensure_future(resolver.dane.lookup(domain, resolver.clock()))
+        try:
+            resolution = await sts if sts is not None else None
+            branch = await dane if dane is not None else None
+        finally:  # cancelled (abandoned, stopping) or crashed: the other half goes too
+            for job in (sts, dane):
+                if job is not None and not job.done():
+                    job.cancel()
+        if branch is None:
+            return resolution.decision if resolution is not None else resolver.current(domain)
+        await asyncio.get_running_loop().run_in_executor(self._executor, resolver.store_dane, domain, branch)
+        decision = resolution.decision if resolution is not None else resolver.current(domain)
+        return resolver.with_dane(decision, branch)
+
+    async def _sts(self, domain: str) -> Resolution:
         txt: StsAnswer | MtaStsError
         try:
             txt = await self.resolver.discovery.sts_record_async(domain)
         except MtaStsError as exc:
             txt = exc  # no record, invalid record or a DNS failure: the resolver decides what it means
         loop = asyncio.get_running_loop()
-        resolution = await loop.run_in_executor(self._executor, self.resolver.resolve, domain, False, txt)
-        return resolution.decision
+        return await loop.run_in_executor(self._executor, self.resolver.resolve, domain, False, txt)
 
     def _forget(self, flight: Flight) -> None:
         if self._pending.get(flight.domain) is flight:

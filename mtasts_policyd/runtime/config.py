@@ -29,6 +29,7 @@ from mtasts_policyd.frontends.listeners import parse_address, parse_owner
 from mtasts_policyd.net.dns import DnsSettings, ip_addresses
 from mtasts_policyd.net.https import FetchSettings
 from mtasts_policyd.ops.status_http import parse_metrics_address
+from mtasts_policyd.resolution.dane import DaneSettings
 from mtasts_policyd.resolution.resolver import ResolverSettings
 
 
@@ -159,6 +160,7 @@ class Config:
     dns: DnsSettings = DnsSettings()
     fetch: FetchSettings = FetchSettings()
     resolver: ResolverSettings = ResolverSettings()
+    dane: DaneSettings = DaneSettings()  # DANE takes precedence (README "DANE")
     overrides: dict[str, OverrideConfig] = field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
     tlsrpt: TlsRptConfig = TlsRptConfig()
@@ -254,11 +256,22 @@ def build(cls: Any, data: Any, where: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-    return cls(**{k: _convert(hints[k], v, _key(where, k)) for k, v in data.items()})
+    return cls(**{k: _convert(hints[k], _word(v, fields[k].metadata), _key(where, k)) for k, v in data.items()})
+
+
+def _word(value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """YAML 1.1 reads an unquoted `off` (`no`, `false`) or `on` as a boolean: for a key whose
+    choices include the word (`dane.mode: off`), that is the word the operator wrote."""
+    choices = meta.get("choices")
+    if isinstance(value, bool) and choices is not None:
+        word = "on" if value else "off"
+        if word in choices:
+            return word
+    return value
 
 
 def _measure(value: Any) -> tuple[float, str] | None:

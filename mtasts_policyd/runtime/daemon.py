@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,9 +19,11 @@ from mtasts_policyd.frontends.listeners import (
     parse_address,
 )
 from mtasts_policyd.net.dns import DnsDiscovery
+from mtasts_policyd.net.dnssec import DnssecResolver, resolver_addresses
 from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.ops.metrics import Metrics
 from mtasts_policyd.ops.status_http import MetricsServer, parse_metrics_address
+from mtasts_policyd.resolution.dane import DaneCounters, DaneGate, Notes, not_on_loopback
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolutionCounters
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.resolution.workers import in_thread
@@ -73,6 +76,30 @@ def build_resolver(config: Config, *, memory_only: bool = False,
                           overrides=override_table(config), counters=counters)
 
 
+def build_dane(config: Config, counters: DaneCounters | None = None, notes: Notes | None = None) -> DaneGate:
+    """DANE for the daemon and `query` (README "DANE"): the `dane` settings, questions to the
+    resolver of the `dns` section, which must validate DNSSEC; `notes`: the cache, which keeps
+    the trust probe's last word across restarts."""
+    identity = f"{','.join(resolver_addresses(config.dns))}@{config.dns.port}"
+    return DaneGate(config.dane, DnssecResolver(config.dns), counters, notes, identity)
+
+
+async def start_dane(gate: DaneGate, config: Config) -> None:
+    """Before the first lookup: say when the resolver is not on this machine (its AD bit crosses a
+    network), and know DANE's state from the first answer on: the probe's last word from before a
+    recent restart, else the probe asked now."""
+    if gate.mode == "off":
+        return
+    addresses = resolver_addresses(config.dns)
+    for address in not_on_loopback(addresses):
+        log.warning("dane resolver=%s is not on loopback: the AD bit it sets could be forged on the way; run a "
+                    "validating resolver on this machine and point dns.nameservers (or resolv.conf) at it", address)
+    if not addresses:
+        log.warning("dane resolver: none configured (dns.nameservers empty, nothing in /etc/resolv.conf)")
+    if not gate.restore(time.time()):
+        await gate.probe_now()
+
+
 def listener_section(config: Config, front_end: FrontEnd[Any]) -> ListenerSection:
     section: ListenerSection = front_end.section_of(config)
     return section
@@ -119,6 +146,8 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, served: 
         raise ValueError(f"log_level: unknown level {new.log_level!r}")
     resolver.overrides = overrides
     resolver.settings = new.resolver
+    if resolver.dane is not None:
+        resolver.dane.reload(new.dane)
     for apply in front_ends:
         apply()
     if metrics is not None:
@@ -166,6 +195,8 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     raise_open_files_limit(config)
     registry = Metrics(front_end.name for front_end in FRONT_ENDS)  # counters handed to what counts
     resolver = build_resolver(config, counters=registry)
+    resolver.dane = dane = build_dane(config, registry, resolver.cache)
+    await start_dane(dane, config)
     service = PolicyService(resolver, workers=config.workers)
     service.prune_settings, service.prune_interval = prune_settings(config), config.cache.prune_interval
     served = [(front_end, front_end.start(service, config, registry.frontend(front_end.name)))
@@ -180,7 +211,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             log.info("listening %s=%s", front_end.name, address)
     metrics = MetricsServer(resolver.cache, registry, max_connections=config.metrics.max_connections,
                             listeners={front_end.name: running.slots for front_end, running in served},
-                            pending=lambda: service.pending, dropped=lambda: service.dropped)
+                            pending=lambda: service.pending, dropped=lambda: service.dropped, dane=dane.status)
     metrics_listener = None
     if config.metrics.listen:  # opt-in: no HTTP listener unless configured
         address = parse_metrics_address(config.metrics.listen)
@@ -212,6 +243,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     keeper = asyncio.create_task(keep_cache(resolver.cache, config.cache.check_interval))
     reloader = asyncio.create_task(reloads())
     pruner = asyncio.create_task(service.run_pruner())
+    prober = asyncio.create_task(dane.run_prober())
     sdnotify.ready()  # listeners accept, the cache is open (or known to be memory-only)
     deadline: float | None = None
     try:
@@ -230,6 +262,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         keeper.cancel()
         reloader.cancel()
         pruner.cancel()
+        prober.cancel()
         service.close()
         await close_cache(resolver.cache, deadline)
         log.info("stopped")

@@ -132,3 +132,12 @@ class PolicyStore(Protocol):
     def prune(self, now: float, settings: PruneSettings, pause: float = 0.005) -> int:
         """Delete the entries that no longer serve (PruneSettings); how many."""
         return 0
+
+    def note(self, key: str) -> str | None:
+        """A small fact the daemon keeps across restarts beside the entries (the DANE trust probe's
+        last word), or None."""
+        return None
+
+    def set_note(self, key: str, value: str) -> None:
+        """Keep a note (best effort: a note that is lost is asked again)."""
+        return None

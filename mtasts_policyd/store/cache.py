@@ -144,6 +144,13 @@ class PolicyCache:
         """The stored entries a resolution at `now` would ask the network about (Entry.due)."""
         return self.store.due(now, refresh_after)
 
+    def note(self, key: str) -> str | None:
+        """A fact kept across restarts beside the entries (PolicyStore.note)."""
+        return self.store.note(key)
+
+    def set_note(self, key: str, value: str) -> None:
+        self.store.set_note(key, value)
+
     # ----- housekeeping -------------------------------------------------------------------------
 
     def prune(self, now: float, settings: PruneSettings, pause: float = 0.005) -> int:

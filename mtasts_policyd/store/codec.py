@@ -16,6 +16,17 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from mtasts_policyd.core.dane import (
+    AddressState,
+    DaneInputs,
+    HostState,
+    LookupFailure,
+    MxKind,
+    MxState,
+    Tlsa,
+    TlsaState,
+)
+from mtasts_policyd.core.dane_verdict import DaneBranch, DaneDecision, Verdict
 from mtasts_policyd.core.errors import (
     Failure,
     FailureKind,
@@ -31,9 +42,13 @@ log = logging.getLogger("mtasts_policyd.cache")  # the cache's log lines, wherev
 
 # ----- SQLite rows -----------------------------------------------------------------------------
 
+# The DANE branch's five columns (added to older files by sqlite.py's migration): the verdict and its
+# reason, when it was decided and until when it holds (pruning reads these without JSON), and what it
+# was decided on (the MX, address and TLSA lookups, as JSON), which `query` shows per MX host.
+DANE_COLUMNS = ("dane_verdict", "dane_reason", "dane_decided_at", "dane_expires_at", "dane_inputs")
 COLUMNS = ("domain", "txt_record", "policy_id", "policy_body", "fetched_at", "txt_expires_at", "negative_until",
            "failure_kind", "failure_detail", "failure_at", "failures", "retry_after", "last_lookup", "mx_hosts",
-           "mx_expires_at", "version")
+           "mx_expires_at", *DANE_COLUMNS, "version")
 
 
 def to_row(e: Entry) -> tuple[object, ...]:
@@ -41,14 +56,17 @@ def to_row(e: Entry) -> tuple[object, ...]:
     return (e.domain, e.txt_record, e.policy_id, e.policy_body, e.fetched_at, e.txt_expires_at, e.negative_until,
             e.failure.kind.value if e.failure else None, e.failure.detail if e.failure else None,
             e.failure_at, e.failures, e.retry_after, e.last_lookup,
-            " ".join(e.mx_hosts) if e.mx_hosts is not None else None, e.mx_expires_at, e.version)
+            " ".join(e.mx_hosts) if e.mx_hosts is not None else None, e.mx_expires_at, *dane_columns(e.dane),
+            e.version)
 
 
 def from_row(row: tuple) -> Entry:
-    """The entry a row of COLUMNS holds; a stored body that no longer parses gives no policy."""
+    """The entry a row of COLUMNS holds; a stored body that no longer parses gives no policy, a
+    stored DANE branch that does not read back no branch (it is asked again)."""
     values = dict(zip(COLUMNS, row))
     kind, detail = values.pop("failure_kind"), values.pop("failure_detail")
     mx_hosts = values.pop("mx_hosts")
+    dane = dane_from_columns(values["domain"], *(values.pop(column) for column in DANE_COLUMNS))
     body = values["policy_body"]
     policy = None
     if body is not None:
@@ -58,7 +76,78 @@ def from_row(row: tuple) -> Entry:
             log.warning("cache domain=%s stored policy no longer parses; ignored", values["domain"])
     failure = Failure(FailureKind(kind), detail or "") if kind else None
     return Entry(policy=policy, failure=failure, mx_hosts=tuple(mx_hosts.split()) if mx_hosts is not None else None,
-                 **values)
+                 dane=dane, **values)
+
+
+# ----- the DANE branch in a row ----------------------------------------------------------------
+
+
+
+def dane_columns(branch: DaneBranch | None) -> tuple[object, ...]:
+    """The values of DANE_COLUMNS (NULLs and 0 without a branch)."""
+    if branch is None:
+        return None, None, None, 0.0, None
+    return (branch.verdict.value, branch.decision.reason, branch.decided_at, branch.expires_at,
+            json.dumps(dane_inputs_json(branch.inputs), separators=(",", ":")))
+
+
+def dane_from_columns(domain: str, verdict: str | None, reason: str | None, decided_at: float | None,
+                      expires_at: float, inputs: str | None) -> DaneBranch | None:
+    """The branch DANE_COLUMNS hold, or None (none stored, or written by a version this one cannot read)."""
+    if verdict is None or decided_at is None or inputs is None:
+        return None
+    try:
+        decision = DaneDecision(domain, Verdict(verdict), max(round(expires_at - decided_at), 0), reason or "")
+        return DaneBranch(decision, dane_inputs_from_json(domain, json.loads(inputs)), decided_at)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("cache domain=%s stored DANE branch unreadable (%s); asked again", domain, exc)
+        return None
+
+
+def _failure_json(failure: LookupFailure) -> dict[str, Any]:
+    return {"failure": {"name": failure.name, "rdtype": failure.rdtype, "detail": failure.detail}}
+
+
+def _failure_from(data: dict[str, Any]) -> LookupFailure:
+    failure = data["failure"]
+    return LookupFailure(str(failure["name"]), str(failure["rdtype"]), str(failure["detail"]))
+
+
+def dane_inputs_json(inputs: DaneInputs) -> dict[str, Any]:
+    """What the DANE decision read, as JSON (TLSA data in hex)."""
+    mx = inputs.mx
+    hosts = []
+    for host in inputs.hosts:
+        address, tlsa = host.address, host.tlsa
+        hosts.append({
+            "host": host.host,
+            "address": _failure_json(address) if isinstance(address, LookupFailure) else {
+                "secure": address.secure, "addresses": list(address.addresses), "canonical": address.canonical,
+                "ttl": address.ttl},
+            "tlsa": None if tlsa is None else _failure_json(tlsa) if isinstance(tlsa, LookupFailure) else {
+                "name": tlsa.name, "secure": tlsa.secure, "ttl": tlsa.ttl,
+                "records": [[r.usage, r.selector, r.matching, r.data.hex()] for r in tlsa.records]},
+        })
+    return {"mx": _failure_json(mx) if isinstance(mx, LookupFailure) else {
+        "kind": mx.kind.value, "secure": mx.secure, "hosts": list(mx.hosts), "ttl": mx.ttl}, "hosts": hosts}
+
+
+def dane_inputs_from_json(domain: str, data: dict[str, Any]) -> DaneInputs:
+    """dane_inputs_json read back; KeyError, ValueError or TypeError when it is not one."""
+    raw_mx = data["mx"]
+    mx: MxState | LookupFailure = _failure_from(raw_mx) if "failure" in raw_mx else MxState(
+        MxKind(raw_mx["kind"]), bool(raw_mx["secure"]), tuple(map(str, raw_mx["hosts"])), int(raw_mx["ttl"]))
+    hosts = []
+    for raw in data["hosts"]:
+        a, t = raw["address"], raw["tlsa"]
+        address: AddressState | LookupFailure = _failure_from(a) if "failure" in a else AddressState(
+            bool(a["secure"]), tuple(map(str, a["addresses"])), str(a["canonical"]), int(a["ttl"]))
+        tlsa: TlsaState | LookupFailure | None = None if t is None else _failure_from(t) if "failure" in t \
+            else TlsaState(str(t["name"]), bool(t["secure"]),
+                           tuple(Tlsa(int(u), int(s), int(m), bytes.fromhex(d)) for u, s, m, d in t["records"]),
+                           int(t["ttl"]))
+        hosts.append(HostState(str(raw["host"]), address, tlsa))
+    return DaneInputs(domain, mx, tuple(hosts))
 
 
 # ----- JSON export and import ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from mtasts_policyd.core.dane_verdict import DaneBranch
 from mtasts_policyd.core.errors import Failure, FailureKind
 from mtasts_policyd.core.policy import Policy
 
@@ -48,6 +49,9 @@ class Entry:
     last_lookup: float = 0.0
     mx_hosts: tuple[str, ...] | None = None  # MX host names, looked up for policies with "*." patterns
     mx_expires_at: float = 0.0
+    # The DANE branch beside the MTA-STS one (issue 9): the verdict for the domain, what it was
+    # decided on, when; it holds for its decision's TTL (resolution/dane.py says when to ask again).
+    dane: DaneBranch | None = None
     version: int = 0  # the stored row's version when read (0: not stored); writes check it
 
     @property
@@ -122,11 +126,21 @@ def merge(current: Entry | None, ours: Entry, *, ties_to_current: bool = False) 
     The newer policy fetch wins whole (a failure or a stale read must never replace a policy that
     another process fetched later, RFC 8461 §5.1); otherwise ours wins, as the later observation.
     A fetch at the same time goes to ours, unless `ties_to_current` (an import: importing the same
-    export twice must change nothing). The later lookup time is kept either way.
+    export twice must change nothing). The later lookup time is kept either way, and so is the
+    later DANE decision: the DANE branch is asked on its own schedule (its DNS TTL), so whichever
+    writer decided it last knows best, whoever fetched the policy last.
     """
     if current is None:
         return replace(ours, version=0)
     last_lookup = max(current.last_lookup, ours.last_lookup)
+    dane = later_dane(current.dane, ours.dane)
     if supersedes(current, ours, ties_to_current=ties_to_current):
-        return replace(current, last_lookup=last_lookup)
-    return replace(ours, version=current.version, last_lookup=last_lookup)
+        return replace(current, last_lookup=last_lookup, dane=dane)
+    return replace(ours, version=current.version, last_lookup=last_lookup, dane=dane)
+
+
+def later_dane(current: DaneBranch | None, ours: DaneBranch | None) -> DaneBranch | None:
+    """The DANE branch decided last (ours on a tie: the later observation)."""
+    if current is None or (ours is not None and ours.decided_at >= current.decided_at):
+        return ours
+    return current

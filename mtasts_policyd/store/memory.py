@@ -27,6 +27,7 @@ class MemoryStore(PolicyStore):
         self.inserted = 0
         self._entries: dict[str, Entry] | cachetools.LRUCache[str, Entry] = (
             {} if max_entries is None else cachetools.LRUCache(maxsize=max_entries))
+        self._notes: dict[str, str] = {}
 
     def get(self, domain: str) -> Entry | None:
         with self.lock:
@@ -61,6 +62,14 @@ class MemoryStore(PolicyStore):
                 entry = self._entries.get(domain)
                 if entry is not None and entry.last_lookup < when:
                     self._entries[domain] = replace(entry, last_lookup=when)
+
+    def note(self, key: str) -> str | None:
+        with self.lock:
+            return self._notes.get(key)
+
+    def set_note(self, key: str, value: str) -> None:
+        with self.lock:
+            self._notes[key] = value
 
     def stats(self, *, count_rows: bool = True) -> StoreStats:
         return StoreStats(rows=len(self._entries), persistent=False, path=None, unsaved=0)

@@ -56,10 +56,22 @@ CREATE TABLE IF NOT EXISTS policies (
     version         INTEGER NOT NULL DEFAULT 1
 )
 """
+# Columns added after the first release, each with its definition: a file made by an older version
+# gets them when it is opened (_migrate); such a version keeps working on the file afterwards, as
+# it names the columns it reads and writes (a row it writes keeps the DANE branch it left alone).
+_ADDED_COLUMNS = (
+    ("dane_verdict", "TEXT"),
+    ("dane_reason", "TEXT"),
+    ("dane_decided_at", "REAL"),
+    ("dane_expires_at", "REAL NOT NULL DEFAULT 0"),
+    ("dane_inputs", "TEXT"),
+)
 # One row, rewritten by maintain() while the disk is failing, or when nothing was written for
 # PROBE_AFTER seconds: a write that succeeds is the only proof that the disk takes writes.
 PROBE_AFTER = 300.0
 _PROBE_SCHEMA = "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL)"
+# Small facts kept across restarts beside the entries (store.base.PolicyStore.note).
+_NOTES_SCHEMA = "CREATE TABLE IF NOT EXISTS notes (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 # A new cache file is readable by the owner's group (cache tools run by an operator in the service
 # group), never by others; SQLite gives its -wal and -shm files the same mode. An existing file's
 # mode is left alone.
@@ -98,6 +110,22 @@ def _create_file(path: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
     except FileExistsError:
         pass
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add the columns an older file lacks (_ADDED_COLUMNS). Two processes opening an old file at
+    once may both try: the loser's "duplicate column" is the winner's work, not an error."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(policies)")}
+    for name, definition in _ADDED_COLUMNS:
+        if name in have:
+            continue
+        try:
+            db.execute(f"ALTER TABLE policies ADD COLUMN {name} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+        else:
+            log.info("cache added column %s to an older cache file", name)
 
 
 def _error_code(exc: sqlite3.Error) -> int | None:
@@ -165,6 +193,7 @@ class SqliteStore(PolicyStore):
         # Disk health (see "disk health" below): entries and lookup times the disk refused.
         self._unsaved: dict[str, Entry] = {}  # newer than the disk; not subject to LRU eviction
         self._untouched: dict[str, float] = {}  # lookup times not yet written
+        self._notes: dict[str, str] = {}  # notes as last set here (answered while the file is unusable)
         self._disk_ok = True  # the last write (or open) succeeded
         self._broken = False  # the connection failed in a way that calls for reopening the file
         self._written_at = -math.inf  # when a write last succeeded (never: the first check probes)
@@ -188,7 +217,9 @@ class SqliteStore(PolicyStore):
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # the WAL shrinks back after bursts
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
+            _migrate(db)
             db.execute(_PROBE_SCHEMA)
+            db.execute(_NOTES_SCHEMA)
             self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
             st = os.stat(path)
         except (sqlite3.Error, OSError) as exc:
@@ -330,6 +361,26 @@ class SqliteStore(PolicyStore):
                 self._untouched = {}
                 self._disk_succeeded()
 
+    def note(self, key: str) -> str | None:
+        with self.lock:
+            if self._db is not None:
+                try:
+                    row = self._db.execute("SELECT value FROM notes WHERE key = ?", (key,)).fetchone()
+                    return row[0] if row is not None else None
+                except sqlite3.Error as exc:
+                    log.debug("cache note %s not read: %s", key, exc)
+            return self._notes.get(key)
+
+    def set_note(self, key: str, value: str) -> None:
+        """Best effort: a note the disk refuses is kept in memory only (it is asked again after a restart)."""
+        with self.lock:
+            self._notes[key] = value
+            if self._db is not None:
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO notes (key, value) VALUES (?, ?)", (key, value))
+                except sqlite3.Error as exc:
+                    log.debug("cache note %s not written: %s", key, exc)
+
     def delete(self, domain: str) -> bool:
         with self.lock:
             found = self._unsaved.pop(domain, None) is not None
@@ -395,15 +446,16 @@ class SqliteStore(PolicyStore):
 
     @staticmethod
     def _expired(reader: sqlite3.Connection, now: float, settings: PruneSettings) -> Iterator[tuple[str, int]]:
-        """(domain, version) of rows past use: no policy and past TTL and back-off plus the grace,
-        or not looked up for prune_after with no usable policy. RFC 8461 §5.1: a usable policy is
+        """(domain, version) of rows past use: no policy and past TTL, back-off and DANE branch plus
+        the grace, or not looked up for prune_after with no usable policy. RFC 8461 §5.1: a usable policy is
         never pruned, however long ago it was looked up."""
         last = 0
         unused = now - settings.prune_after
         while True:
             rows = reader.execute(
-                "SELECT rowid, domain, version, policy_body IS NULL, MAX(negative_until, retry_after), "
-                "MAX(last_lookup, COALESCE(fetched_at, 0)) FROM policies WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                "SELECT rowid, domain, version, policy_body IS NULL, "
+                "MAX(negative_until, retry_after, dane_expires_at), MAX(last_lookup, COALESCE(fetched_at, 0)) "
+                "FROM policies WHERE rowid > ? ORDER BY rowid LIMIT ?",
                 (last, PRUNE_BATCH)).fetchall()
             if not rows:
                 return
@@ -538,6 +590,8 @@ class SqliteStore(PolicyStore):
             with self.lock:
                 if self._closed or not self._reattach(path, corrupt):
                     return
+                for key, value in list(self._notes.items()):  # a recreated file has lost them
+                    self.set_note(key, value)
         written = self._write_unsaved(merge)
         if self._untouched:
             self.touch({})  # lookup times the disk refused before

@@ -10,24 +10,9 @@ from mtasts_policyd.answers.dane import DaneDecision, Verdict, decide, exim_repl
 from mtasts_policyd.core.dane import DaneInputs, HostState, MxKind, MxState, TlsaState, tlsa_name
 from mtasts_policyd.net.dane_lookup import dane_inputs
 from mtasts_policyd.net.dnssec import DnssecResolver, DnssecResult
+from tests.dane.daemon_world import PKIX_TLSA, TLSA, mail_host
+from tests.dane.daemon_world import set_mx as mx
 from tests.rig.dnssec import DnssecWorld, Zone
-
-TLSA = "3 1 1 " + "5a" * 32  # DANE-EE SPKI SHA2-256
-PKIX_TLSA = "1 1 1 " + "5a" * 32  # PKIX-EE: unusable for SMTP (RFC 7672 §3.1.3)
-
-
-def mail_host(world: DnssecWorld, host: str, *tlsa: str, ttl: int = 300) -> None:
-    """An MX host with both address families (no negative answer in its TTL) and its TLSA RRset."""
-    world.set(host, "A", "127.0.0.40", ttl=ttl)
-    world.set(host, "AAAA", "::1", ttl=ttl)
-    if tlsa:
-        world.set(tlsa_name(host), "TLSA", *tlsa, ttl=ttl)
-
-
-def mx(world: DnssecWorld, zone: Zone, *hosts: str, ttl: int = 300) -> str:
-    domain = zone.domain
-    world.set(domain, "MX", *(f"{10 * n} {host}" for n, host in enumerate(hosts, 1)), ttl=ttl)
-    return domain
 
 
 def one_mx(world: DnssecWorld, label: str, *tlsa: str, signed: bool = True) -> tuple[Zone, str, str]:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemon_dane import needs_daemon_dane
 from tests.e2e.exim_mta import EximInstance, Status
 from tests.e2e.stand_in import StandIn
 from tests.e2e.world import DANE_SCENARIOS, INSECURE_MX, MISMATCH, Scenario, World, temp_dir
@@ -71,7 +70,7 @@ def deliver(exim: EximInstance, world: World, scenario: Scenario) -> tuple[Statu
     return status, world.received(tag)
 
 
-@pytest.fixture(scope="module", params=[STAND_IN, pytest.param(DAEMON, marks=needs_daemon_dane)])
+@pytest.fixture(scope="module", params=[STAND_IN, DAEMON])
 def dane_exim(request: pytest.FixtureRequest, world: World, policyd, stand_ins) -> EximInstance:
     if request.param == DAEMON:
         return exim_for(f"{DAEMON_EXIM[0]}:{DAEMON_EXIM[1]}")

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SocketmapClient
-from tests.e2e.daemon_dane import needs_daemon_dane
 from tests.e2e.postfix_mta import PostfixInstance
 from tests.e2e.test_postfix_e2e import DEFERRAL_TIMEOUT, explain, new_marker, wait_delivered, wait_status
 from tests.e2e.world import DANE_SCENARIOS, INSECURE_MX, MISMATCH, Scenario, World, temp_dir
@@ -106,7 +105,7 @@ def started(request: pytest.FixtureRequest, directory: Path, settings: dict[str,
     return instance
 
 
-@pytest.fixture(scope="module", params=[FIXED, pytest.param(DAEMON, marks=needs_daemon_dane)])
+@pytest.fixture(scope="module", params=[FIXED, DAEMON])
 def dane_mail(request: pytest.FixtureRequest, world: World, policyd) -> Iterator[Mailed]:
     """Contrib's Postfix with its answers from a fixed table or from the daemon, one message per case."""
     directory = temp_dir("mtasts-dane-map-")
@@ -152,7 +151,6 @@ def test_dane_for_hosts_of_an_unsigned_mx_record(dane_mail: Mailed) -> None:
     assert dane_mail.refused_by_dane(INSECURE_MX.host(INSECURE_MX.mx[0]))
 
 
-@needs_daemon_dane
 def test_daemon_answers_dane_per_issue_table(world: World, policyd) -> None:
     """The socketmap answers of issue 9's table for the world's domains (contract: `OK dane-only`,
     `OK dane`, `TEMP <reason>`, else the MTA-STS answer unchanged)."""
