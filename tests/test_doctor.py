@@ -200,7 +200,8 @@ def postfix_case(name: str, port: int, tmp_path: Path) -> tuple[str, list[str]]:
     """main.cf lines of one broken case, and the problem lines expected for it."""
     good_map = f"smtp_tls_policy_maps = socketmap:inet:127.0.0.1:{port}:postfix\n"
     good_ca = f"smtp_tls_CAfile = {SYSTEM_BUNDLE}\n"
-    good = good_map + good_ca + "smtp_tls_security_level = may\n"
+    dnssec = "smtp_dns_support_level = dnssec\n"  # the daemon answers DANE (dane.mode auto, the default)
+    good = good_map + good_ca + "smtp_tls_security_level = may\n" + dnssec
     add = f"add smtp_tls_policy_maps = socketmap:inet:127.0.0.1:{port}:postfix"
     defer = f"Postfix defers mail to enforce domains; set smtp_tls_CAfile = {SYSTEM_BUNDLE}"
     plain = tmp_path / "not-rehashed"
@@ -209,7 +210,7 @@ def postfix_case(name: str, port: int, tmp_path: Path) -> tuple[str, list[str]]:
     empty = tmp_path / "empty.pem"
     empty.write_text("")
     cases = {
-        "no-map": (good_ca + "smtp_tls_security_level = may\n",
+        "no-map": (good_ca + "smtp_tls_security_level = may\n" + dnssec,
                    [f"problem postfix: smtp_tls_policy_maps asks no socketmap listener of this daemon: {add}"]),
         "wrong-port": (good.replace(f":{port}:", ":1:"),
                        ["problem postfix: smtp_tls_policy_maps asks no socketmap listener of this daemon (it has "
@@ -218,7 +219,7 @@ def postfix_case(name: str, port: int, tmp_path: Path) -> tuple[str, list[str]]:
                          [f"problem postfix: smtp_tls_policy_maps entry socketmap:inet:127.0.0.1:{port}:typo: map "
                           f"name 'typo' is not served (socketmap.maps: {MAPS}), so Postfix gets PERM and defers all "
                           "mail: use one of those names"]),
-        "no-ca": (good_map + "smtp_tls_security_level = may\n",
+        "no-ca": (good_map + "smtp_tls_security_level = may\n" + dnssec,
                   ["problem postfix: smtp_tls_CAfile and smtp_tls_CApath are empty: Postfix can verify no MX "
                    f"certificate and defers all mail to enforce domains; set smtp_tls_CAfile = {SYSTEM_BUNDLE}"]),
         "missing-ca": (good.replace(good_ca, f"smtp_tls_CAfile = {tmp_path}/missing.pem\n"),
@@ -236,17 +237,25 @@ def postfix_case(name: str, port: int, tmp_path: Path) -> tuple[str, list[str]]:
                         ["problem postfix: smtp_tls_security_level = (empty): mail without an enforce policy goes "
                          "out without TLS and DANE is off; set smtp_tls_security_level = may (or dane, with "
                          "smtp_dns_support_level = dnssec)"]),
-        "dane-without-dnssec": (good.replace("= may", "= dane"),
+        "dane-without-dnssec": (good_map + good_ca + "smtp_tls_security_level = dane\n",
                                 ["problem postfix: smtp_tls_security_level = dane needs smtp_dns_support_level = "
                                  "dnssec (it is (empty)): without it Postfix uses no DANE; set "
                                  "smtp_dns_support_level = dnssec"]),
+        # The daemon answers `dane-only`/`dane` for DANE domains: without DNSSEC lookups Postfix
+        # defers mail for dane-only (measured, tests/e2e/test_postfix_dane_e2e.py).
+        "may-without-dnssec": (good_map + good_ca + "smtp_tls_security_level = may\n",
+                               ["problem postfix: smtp_dns_support_level = (empty): the daemon answers DANE "
+                                "(dane.mode auto or require), and without DNSSEC lookups Postfix defers mail for "
+                                "`dane-only` and ignores `dane`; set smtp_dns_support_level = dnssec (or "
+                                "dane.mode: off)"]),
     }
     return cases[name]
 
 
 @needs_postconf
 @pytest.mark.parametrize("case", ["no-map", "wrong-port", "unknown-name", "no-ca", "missing-ca", "empty-ca",
-                                  "capath-not-rehashed", "level-none", "level-unset", "dane-without-dnssec"])
+                                  "capath-not-rehashed", "level-none", "level-unset", "dane-without-dnssec",
+                                  "may-without-dnssec"])
 def test_postfix_problems(daemon, tmp_path, capsys, case):
     main_cf, expected = postfix_case(case, daemon.port, tmp_path)
     code, lines = doctor(capsys, "--config", doctor_config(daemon, tmp_path), "--postconf-dir",
@@ -292,7 +301,7 @@ def test_postfix_map_name_the_running_daemon_does_not_serve(daemon, tmp_path, ca
     """The configuration names a map the running daemon (started with another configuration) lacks."""
     config = doctor_config(daemon, tmp_path, socketmap={"maps": {"strict": {"testing_as_enforce": True}}})
     main_cf = (f"smtp_tls_policy_maps = socketmap:inet:127.0.0.1:{daemon.port}:strict\n"
-               f"smtp_tls_CAfile = {SYSTEM_BUNDLE}\nsmtp_tls_security_level = may\n")
+               f"smtp_tls_CAfile = {SYSTEM_BUNDLE}\nsmtp_tls_security_level = may\nsmtp_dns_support_level = dnssec\n")
     code, lines = doctor(capsys, "--config", config, "--postconf-dir", postfix_dir(tmp_path, main_cf))
     perm = repr("PERM unknown map name 'strict'; this daemon serves postfix, postfix-legacy, postfix-sts")
     assert code == 1

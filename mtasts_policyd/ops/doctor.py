@@ -384,7 +384,15 @@ def check_postfix_level(listeners: Listeners, values: dict[str, str], dane_mode:
                                    "policy goes out without TLS and DANE is off; set smtp_tls_security_level = may "
                                    "(or dane, with smtp_dns_support_level = dnssec)")]
     if level not in ("dane", "dane-only"):
-        return [ok("postfix", f"smtp_tls_security_level = {level}")]
+        findings = [ok("postfix", f"smtp_tls_security_level = {level}")]
+        if dane_mode != "off" and dns_level != "dnssec":
+            # The daemon answers `dane-only`/`dane` for DANE domains (README "DANE"): Postfix without
+            # DNSSEC lookups defers all mail for a mapped dane-only and treats dane as may.
+            findings.append(problem("postfix", f"smtp_dns_support_level = {dns_level or '(empty)'}: the daemon "
+                                               "answers DANE (dane.mode auto or require), and without DNSSEC lookups "
+                                               "Postfix defers mail for `dane-only` and ignores `dane`; set "
+                                               "smtp_dns_support_level = dnssec (or dane.mode: off)"))
+        return findings
     findings = [ok("postfix", f"smtp_tls_security_level = {level}")]
     if dns_level != "dnssec":
         findings = [problem("postfix", f"smtp_tls_security_level = {level} needs smtp_dns_support_level = dnssec "
