@@ -23,9 +23,9 @@ from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity
 from mtasts_policyd.ops.tlsrpt_ingest import PostfixIngest, SourceAddresses, policy_from_cache
 from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
+from mtasts_policyd.runtime.daemon import CacheMissing, require_cache, tlsrpt_store_path
 from mtasts_policyd.store.cache import PolicyCache
-from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError, default_store_path
+from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError
 
 DESCRIPTION = """\
 TLSRPT (RFC 8460) aggregate reports from the MTA's log (in progress: reports are built, not yet
@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
 
 
 def store_path(config: Config) -> str:
-    return config.tlsrpt.store or default_store_path(cache_path(config))
+    return tlsrpt_store_path(config)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
 from mtasts_policyd.ops.tlsrpt_postfix import Evidence, LocalEvent, PostfixSessions, Session, parse_syslog
 from mtasts_policyd.store.cache import PolicyCache
@@ -64,11 +64,16 @@ def policy_from_cache(cache: PolicyCache) -> PolicyLookup:
             policy = entry.usable_policy(when)
             if policy is None and entry.fetched_at is not None and entry.fetched_at > when:
                 policy = entry.policy
-        if policy is None or policy.mode is Mode.NONE:  # RFC 8461 §5: none is no active policy
-            return ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)
-        return ReportPolicy(PolicyType.STS, domain, policy.lines, policy.mx)
+        return report_policy(domain, policy) or ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)
 
     return lookup
+
+
+def report_policy(domain: str, policy: Policy | None) -> ReportPolicy | None:
+    """The `sts` policy member for an MTA-STS policy in force; None for no active policy."""
+    if policy is None or policy.mode is Mode.NONE:  # RFC 8461 §5: none is no active policy
+        return None
+    return ReportPolicy(PolicyType.STS, domain, policy.lines, policy.mx)
 
 
 class SourceAddresses:

@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
@@ -140,11 +140,19 @@ class TlsRptStore:
 
     def commit(self, batch: Batch, now: float) -> None:
         """Add the batch and move the position, in one transaction (module docstring)."""
+        self._transaction(lambda: self._write(batch, now))
+
+    def record(self, sessions: list[tuple[datetime.date, SessionCount]]) -> None:
+        """Add counts that no log position goes with: the daemon's own policy failures
+        (ops/tlsrpt_policy.py), written from its worker threads."""
+        self._transaction(lambda: self._add_sessions(sessions))
+
+    def _transaction(self, work: Callable[[], None]) -> None:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._write(batch, now)
+                    work()
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
@@ -152,11 +160,14 @@ class TlsRptStore:
             except sqlite3.Error as exc:
                 raise TlsRptStoreError(f"cannot write TLSRPT store {self.path}: {exc}") from None
 
-    def _write(self, batch: Batch, now: float) -> None:
+    def _add_sessions(self, sessions: list[tuple[datetime.date, SessionCount]]) -> None:
         self._db.executemany(
             "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
             "SET sessions = sessions + excluded.sessions",
-            [(day.isoformat(), *_key(count), count.sessions) for day, count in batch.sessions])
+            [(day.isoformat(), *_key(count), count.sessions) for day, count in sessions])
+
+    def _write(self, batch: Batch, now: float) -> None:
+        self._add_sessions(batch.sessions)
         self._db.executemany(
             "INSERT INTO unparsed VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
             "SET lines = lines + excluded.lines, example = excluded.example",
