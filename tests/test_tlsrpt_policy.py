@@ -20,7 +20,8 @@ from mtasts_policyd.ops.tlsrpt_build import build_day
 from mtasts_policyd.ops.tlsrpt_policy import PolicyFailureRecorder
 from mtasts_policyd.resolution.resolver import Outcome
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore
-from tests.conftest import SocketmapClient, run_cli
+from tests.conftest import SocketmapClient, free_port, run_cli
+from tests.test_metrics import scrape, value
 
 D = "example.test"
 WHO = ReportIdentity("Reporter Inc", "tlsrpt@reporter.example", "reporter.example")
@@ -109,8 +110,10 @@ def test_daemon_policy_fetch_failure_is_in_the_built_report(rig, start_daemon, t
     rig.publish(domain, status=500)
     rig.dns.set(f"_smtp._tls.{domain}", "TXT", "v=TLSRPTv1; rua=mailto:tlsrpt@example.test")
     store_path = tmp_path / "counts.sqlite3"
+    metrics_port = free_port()
     daemon = start_daemon(tlsrpt={"store": str(store_path), "sender": "tlsrpt@reporter.example"},
-                          resolver={"backoff_min": 1, "backoff_max": 1})
+                          resolver={"backoff_min": 1, "backoff_max": 1},
+                          metrics={"listen": f"127.0.0.1:{metrics_port}"})
     day = datetime.datetime.now(datetime.UTC).date()
     with closing(SocketmapClient(daemon.port)) as client, TlsRptStore(str(store_path)) as store:
         deadline = time.monotonic() + 30
@@ -118,6 +121,9 @@ def test_daemon_policy_fetch_failure_is_in_the_built_report(rig, start_daemon, t
             assert time.monotonic() < deadline, daemon.logs()
             client.ask(domain)
             time.sleep(0.3)
+    # README "Metrics": the daemon exports the counts store it records into.
+    assert value(scrape(metrics_port), "mtasts_tlsrpt_sessions_total", result="sts-policy-fetch-error") >= 1
+    assert value(scrape(metrics_port), "mtasts_tlsrpt_reports_built") == 0
     daemon.stop()
     assert "tlsrpt record domain=" + domain in daemon.logs()
     out = tmp_path / "reports"
@@ -129,3 +135,6 @@ def test_daemon_policy_fetch_failure_is_in_the_built_report(rig, start_daemon, t
     assert policy["policy"] == {"policy-type": "sts", "policy-domain": domain}
     [detail] = policy["failure-details"]
     assert detail["result-type"] == "sts-policy-fetch-error" and detail["failure-reason-code"] == "fetch-error"
+    assert f"build: {day}: 1 built" in built.stdout
+    with TlsRptStore(str(store_path)) as store:
+        assert store.totals().reports_built == 1

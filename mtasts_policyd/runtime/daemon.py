@@ -235,7 +235,8 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             log.info("listening %s=%s", front_end.name, address)
     metrics = MetricsServer(resolver.cache, registry, max_connections=config.metrics.max_connections,
                             listeners={front_end.name: running.slots for front_end, running in served},
-                            pending=lambda: service.pending, dropped=lambda: service.dropped, dane=dane.status)
+                            pending=lambda: service.pending, dropped=lambda: service.dropped, dane=dane.status,
+                            tlsrpt=recorder.store if recorder is not None else None)
     metrics_listener = None
     if config.metrics.listen:  # opt-in: no HTTP listener unless configured
         address = parse_metrics_address(config.metrics.listen)

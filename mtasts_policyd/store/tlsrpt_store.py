@@ -48,6 +48,10 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS positions (
         source TEXT PRIMARY KEY, file_id TEXT NOT NULL, head TEXT NOT NULL, offset INTEGER NOT NULL,
         state TEXT NOT NULL, updated_at REAL NOT NULL)""",
+    # Reports `tlsrpt build` wrote: one row per day and domain (a rebuild replaces it), for metrics.
+    """CREATE TABLE IF NOT EXISTS built (
+        day TEXT NOT NULL, policy_domain TEXT NOT NULL, report_id TEXT NOT NULL, built_at REAL NOT NULL,
+        PRIMARY KEY (day, policy_domain))""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
@@ -93,6 +97,17 @@ class Batch:
     @property
     def empty(self) -> bool:
         return not (self.sessions or self.unparsed or self.local)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sums over all days: sessions by result ("success" or the result type), unparsed lines by
+    source, local events by kind, and reports built (distinct day and domain)."""
+
+    sessions: dict[str, int]
+    unparsed: dict[str, int]
+    local: dict[str, int]
+    reports_built: int
 
 
 class TlsRptStore:
@@ -146,6 +161,12 @@ class TlsRptStore:
         """Add counts that no log position goes with: the daemon's own policy failures
         (ops/tlsrpt_policy.py), written from its worker threads."""
         self._transaction(lambda: self._add_sessions(sessions))
+
+    def built(self, day: datetime.date, domain: str, report_id: str, now: float) -> None:
+        """`tlsrpt build` wrote the report of `domain` for `day` (counted once however often rebuilt)."""
+        def write() -> None:
+            self._db.execute("INSERT OR REPLACE INTO built VALUES (?, ?, ?, ?)", (day.isoformat(), domain, report_id, now))
+        self._transaction(write)
 
     def _transaction(self, work: Callable[[], None]) -> None:
         with self._lock:
@@ -205,6 +226,18 @@ class TlsRptStore:
     def local_events(self, day: datetime.date) -> dict[str, int]:
         return dict(self._db.execute("SELECT kind, count FROM local_events WHERE day = ? ORDER BY 1",
                                      (day.isoformat(),)).fetchall())
+
+    def totals(self) -> Totals:
+        """Everything counted so far, over all days: the metrics (README "TLSRPT", Metrics)."""
+        try:
+            return Totals(
+                dict(self._db.execute("SELECT CASE result WHEN '' THEN 'success' ELSE result END, SUM(sessions) "
+                                      "FROM sessions GROUP BY 1 ORDER BY 1").fetchall()),
+                dict(self._db.execute("SELECT source, SUM(lines) FROM unparsed GROUP BY 1 ORDER BY 1").fetchall()),
+                dict(self._db.execute("SELECT kind, SUM(count) FROM local_events GROUP BY 1 ORDER BY 1").fetchall()),
+                self._db.execute("SELECT COUNT(*) FROM built").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise TlsRptStoreError(f"cannot read TLSRPT store {self.path}: {exc}") from None
 
     def positions(self) -> Iterator[Position]:
         for row in self._db.execute("SELECT source, file_id, head, offset, state FROM positions ORDER BY 1"):
