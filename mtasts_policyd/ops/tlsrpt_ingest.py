@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,13 +32,14 @@ from typing import BinaryIO
 
 from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
-from mtasts_policyd.ops.tlsrpt_postfix import Evidence, LocalEvent, PostfixSessions, Session, parse_syslog
+from mtasts_policyd.ops.tlsrpt_postfix import Evidence, LocalEvent, LogLine, PostfixSessions, Session, parse_syslog
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.tlsrpt_store import Batch, Position, TlsRptStore
 
 log = logging.getLogger("mtasts_policyd.tlsrpt")
 
 BATCH_LINES = 2000  # lines per transaction
+FOLLOW_INTERVAL = 1.0  # seconds between looks at a followed file's end
 HEAD_BYTES = 65536  # the first line (at most this much) identifies a file across runs
 UNTRUSTED_REASON = "untrusted-tls-connection"  # Postfix "may": the chain did not verify (no reason logged)
 
@@ -157,6 +159,7 @@ class PostfixIngest:
         self.clock = clock
         self.tz = tz
         self.batch_lines = batch_lines
+        self.stop = threading.Event()  # set (SIGTERM): a read ends after its next commit
 
     def ingest(self, path: str) -> IngestSummary:
         """Read `path` to its last complete line; the counts and the position are committed together."""
@@ -202,6 +205,8 @@ class PostfixIngest:
                 if taken % self.batch_lines == 0:
                     self._commit(batch, offset, parser)
                     batch = Batch(batch.position)
+                    if self.stop.is_set():  # the position is saved: the next run goes on from here
+                        return
             self._commit(batch, offset, parser)
 
     def _commit(self, batch: Batch, offset: int, parser: PostfixSessions) -> None:
@@ -209,11 +214,39 @@ class PostfixIngest:
         batch.position = Position(p.source, p.file_id, p.head, offset, parser.state())
         self.store.commit(batch, self.clock().timestamp())
 
+    def follow(self, paths: list[str], interval: float = FOLLOW_INTERVAL,
+               report: Callable[[str, IngestSummary], None] | None = None) -> None:
+        """`ingest --follow`: read every file to its end, then again every `interval` seconds (a bounded
+        wait on `stop`), until `stop` is set (SIGTERM). Rotation is what `ingest` handles: the next
+        round sees the new file and reads the rest of `<path>.1` first; a file missing for a while
+        (between logrotate's rename and syslog's reopen) is waited for. Every batch is committed
+        with its position, so the follower stops, or dies, anywhere without a line lost or twice."""
+        missing: set[str] = set()
+        while not self.stop.is_set():
+            for path in paths:
+                try:
+                    summary = self.ingest(path)
+                except FileNotFoundError:
+                    if path not in missing:
+                        log.warning("tlsrpt ingest file=%s missing; waiting for it", path)
+                    missing.add(path)
+                    continue
+                missing.discard(path)
+                if report is not None and summary.lines:
+                    report(path, summary)
+                if self.stop.is_set():
+                    break
+            self.stop.wait(interval)
+
     def _line(self, text: str, parser: PostfixSessions, batch: Batch, summary: IngestSummary) -> None:
         summary.lines += 1
         if not text.strip():
             return
-        line = parse_syslog(text, self.clock(), self.tz)
+        self._log_line(parse_syslog(text, self.clock(), self.tz), text, parser, batch, summary)
+
+    def _log_line(self, line: LogLine | None, text: str, parser: PostfixSessions, batch: Batch,
+                  summary: IngestSummary) -> None:
+        """One MTA line (None: not a log line at all, counted as unparsed) into the batch."""
         if line is None:
             self._unparsed(batch, summary, None, text)
             return
