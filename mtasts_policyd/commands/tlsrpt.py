@@ -25,6 +25,7 @@ from mtasts_policyd.commands.common import command_with_actions
 from mtasts_policyd.core.tlsrpt_report import ReportIdentity, build_report
 from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity
+from mtasts_policyd.ops.tlsrpt_exim import EximIngest
 from mtasts_policyd.ops.tlsrpt_ingest import FOLLOW_INTERVAL, PostfixIngest, SourceAddresses, policy_from_cache
 from mtasts_policyd.ops.tlsrpt_journal import JournalIngest, journalctl_argv
 from mtasts_policyd.runtime.config import Config
@@ -34,7 +35,8 @@ from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError
 
 DESCRIPTION = """\
 TLSRPT (RFC 8460) aggregate reports from the MTA's log (in progress: reports are built, not yet
-sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1) per UTC day,
+sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1), an Exim main log or
+Postfix's journal per UTC day,
 policy domain, policy and result; `build` writes one report file per policy domain that publishes
 a valid _smtp._tls record; `show` prints the counts of a day.
 """
@@ -44,6 +46,7 @@ examples:
   mtasts-policyd tlsrpt ingest --postfix-log /var/log/mail.log
   mtasts-policyd tlsrpt ingest --postfix-log /var/log/mail.log --follow
   mtasts-policyd tlsrpt ingest --journal --follow
+  mtasts-policyd tlsrpt ingest --exim-log /var/log/exim4/mainlog
   mtasts-policyd tlsrpt build --day 2025-11-30 --output /var/lib/mtasts-policyd/reports
   mtasts-policyd tlsrpt show --day 2025-11-30 --domain example.com
 """
@@ -66,13 +69,15 @@ def register(sub: Any) -> None:
     action = command_with_actions(sub, "tlsrpt", "TLSRPT reports from the MTA's log (in progress)",
                                   DESCRIPTION, EPILOG)
 
-    p = action("ingest", ingest_command, "count the TLS sessions of a Postfix log or journal",
-               "Read a Postfix log (smtp_tls_loglevel = 1) from where the last run stopped to its last complete "
+    p = action("ingest", ingest_command, "count the TLS sessions of a Postfix or Exim log, or the journal",
+               "Read a Postfix log (smtp_tls_loglevel = 1), an Exim main log or the journal from where the last run stopped to its last complete "
                "line and count its TLS sessions; the counts and the position are stored together, so a second "
                "run never counts a line twice. Needs the daemon's cache for the policy in force. Exit status 1 "
                "if the log, the cache or the store cannot be used.")
     p.add_argument("--postfix-log", action="append", default=[], metavar="FILE",
                    help="Postfix log file (syslog or maillog_file); repeatable")
+    p.add_argument("--exim-log", action="append", default=[], metavar="FILE",
+                   help="Exim main log (contrib/exim/exim.conf's log_selector); repeatable")
     p.add_argument("--journal", action="store_true",
                    help="Postfix's records in systemd's journal (journalctl -o json -u 'postfix*'), from the "
                         "stored cursor")
@@ -125,11 +130,13 @@ def _run(name: str, work: Callable[[], int]) -> int:
 
 def ingest_command(args: argparse.Namespace, config: Config) -> int:
     def work() -> int:
-        if not args.postfix_log and not args.journal:
-            raise TlsRptCommandError("nothing to read: give --postfix-log FILE or --journal")
-        if args.journal and args.postfix_log:
-            raise TlsRptCommandError("--journal and --postfix-log are separate readers: run one of each")
-        for path in args.postfix_log:
+        given = [bool(args.postfix_log), bool(args.exim_log), args.journal]
+        if not any(given):
+            raise TlsRptCommandError("nothing to read: give --postfix-log FILE, --exim-log FILE or --journal")
+        if sum(given) > 1:
+            raise TlsRptCommandError("--postfix-log, --exim-log and --journal are separate readers: run one of each")
+        paths = args.postfix_log or args.exim_log
+        for path in paths:
             if not args.follow and not os.path.isfile(path):
                 raise TlsRptCommandError(f"cannot read {path}: no such file")
         cache = PolicyCache(require_cache(config), config.cache.memory_entries)
@@ -142,13 +149,13 @@ def ingest_command(args: argparse.Namespace, config: Config) -> int:
                         summary = journal.ingest_records(_journal_records(journal, args.follow))
                     print(f"{summary.line()} source=journal", flush=True)
                     return 0
-                reader = PostfixIngest(store, policies, sources)
+                reader = (EximIngest if args.exim_log else PostfixIngest)(store, policies, sources)
                 if args.follow:
                     with _stopped_by_signals(reader.stop):
-                        reader.follow(args.postfix_log,
+                        reader.follow(paths,
                                       report=lambda path, summary: print(f"{summary.line()} file={path}", flush=True))
                     return 0
-                for path in args.postfix_log:
+                for path in paths:
                     try:
                         summary = reader.ingest(path)
                     except OSError as exc:
