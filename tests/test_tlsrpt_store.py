@@ -106,3 +106,22 @@ def test_readers_see_commits_of_another_connection(tmp_path):
         writer.commit(batch(2, ok(NONE)), now=2.0)
         assert reader.sessions(DAY) == [ok(NONE, 2)]
         assert [p.offset for p in reader.positions()] == [2]
+
+
+def test_totals_for_metrics(tmp_path):
+    # README "Metrics": sessions by result, unparsed lines by source, local events, reports built
+    # (a rebuilt report is one report).
+    with TlsRptStore(str(tmp_path / "tlsrpt.sqlite3")) as store:
+        b = batch(10, ok(STS, 2), failed(STS, ResultType.CERTIFICATE_EXPIRED), ok(NONE))
+        b.add_unparsed(DAY, "garbage")
+        b.add_local(DAY, "policy-map-error")
+        store.commit(b, now=1.0)
+        store.commit(batch(20, ok(STS), day=DAY + datetime.timedelta(days=1)), now=2.0)
+        store.record([(DAY, failed(NONE, ResultType.STS_POLICY_FETCH_ERROR))])
+        for _ in range(2):
+            store.built(DAY, "example.com", "20250301.example.com@r.example", now=3.0)
+        totals = store.totals()
+    assert totals.sessions == {"success": 4, "certificate-expired": 1, "sts-policy-fetch-error": 1}
+    assert totals.unparsed == {"postfix:/var/log/mail.log": 1}
+    assert totals.local == {"policy-map-error": 1}
+    assert totals.reports_built == 1

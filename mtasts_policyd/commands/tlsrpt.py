@@ -12,24 +12,31 @@ import contextlib
 import datetime
 import json
 import os
+import select
+import signal
 import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from mtasts_policyd.commands.common import command_with_actions
 from mtasts_policyd.core.tlsrpt_report import ReportIdentity, build_report
 from mtasts_policyd.net.dns import DnsDiscovery
 from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity
-from mtasts_policyd.ops.tlsrpt_ingest import PostfixIngest, SourceAddresses, policy_from_cache
+from mtasts_policyd.ops.tlsrpt_exim import EximIngest
+from mtasts_policyd.ops.tlsrpt_ingest import FOLLOW_INTERVAL, PostfixIngest, SourceAddresses, policy_from_cache
+from mtasts_policyd.ops.tlsrpt_journal import JournalIngest, journalctl_argv
 from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
+from mtasts_policyd.runtime.daemon import CacheMissing, require_cache, tlsrpt_store_path
 from mtasts_policyd.store.cache import PolicyCache
-from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError, default_store_path
+from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError
 
 DESCRIPTION = """\
 TLSRPT (RFC 8460) aggregate reports from the MTA's log (in progress: reports are built, not yet
-sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1) per UTC day,
+sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1), an Exim main log or
+Postfix's journal per UTC day,
 policy domain, policy and result; `build` writes one report file per policy domain that publishes
 a valid _smtp._tls record; `show` prints the counts of a day.
 """
@@ -37,6 +44,9 @@ a valid _smtp._tls record; `show` prints the counts of a day.
 EPILOG = """\
 examples:
   mtasts-policyd tlsrpt ingest --postfix-log /var/log/mail.log
+  mtasts-policyd tlsrpt ingest --postfix-log /var/log/mail.log --follow
+  mtasts-policyd tlsrpt ingest --journal --follow
+  mtasts-policyd tlsrpt ingest --exim-log /var/log/exim4/mainlog
   mtasts-policyd tlsrpt build --day 2025-11-30 --output /var/lib/mtasts-policyd/reports
   mtasts-policyd tlsrpt show --day 2025-11-30 --domain example.com
 """
@@ -59,13 +69,21 @@ def register(sub: Any) -> None:
     action = command_with_actions(sub, "tlsrpt", "TLSRPT reports from the MTA's log (in progress)",
                                   DESCRIPTION, EPILOG)
 
-    p = action("ingest", ingest_command, "count the TLS sessions of a Postfix log",
-               "Read a Postfix log (smtp_tls_loglevel = 1) from where the last run stopped to its last complete "
+    p = action("ingest", ingest_command, "count the TLS sessions of a Postfix or Exim log, or the journal",
+               "Read a Postfix log (smtp_tls_loglevel = 1), an Exim main log or the journal from where the last run stopped to its last complete "
                "line and count its TLS sessions; the counts and the position are stored together, so a second "
                "run never counts a line twice. Needs the daemon's cache for the policy in force. Exit status 1 "
                "if the log, the cache or the store cannot be used.")
-    p.add_argument("--postfix-log", action="append", required=True, metavar="FILE",
+    p.add_argument("--postfix-log", action="append", default=[], metavar="FILE",
                    help="Postfix log file (syslog or maillog_file); repeatable")
+    p.add_argument("--exim-log", action="append", default=[], metavar="FILE",
+                   help="Exim main log (contrib/exim/exim.conf's log_selector); repeatable")
+    p.add_argument("--journal", action="store_true",
+                   help="Postfix's records in systemd's journal (journalctl -o json -u 'postfix*'), from the "
+                        "stored cursor")
+    p.add_argument("--follow", action="store_true",
+                   help="keep reading (log rotation handled) until SIGTERM or SIGINT; the position is saved "
+                        "with every batch")
 
     p = action("build", build_command, "write the reports of a day",
                "Write one RFC 8460 report (.json.gz, named per RFC 8460 §5.1) per policy domain with sessions on "
@@ -84,7 +102,7 @@ def register(sub: Any) -> None:
 
 
 def store_path(config: Config) -> str:
-    return config.tlsrpt.store or default_store_path(cache_path(config))
+    return tlsrpt_store_path(config)
 
 
 @contextlib.contextmanager
@@ -112,14 +130,32 @@ def _run(name: str, work: Callable[[], int]) -> int:
 
 def ingest_command(args: argparse.Namespace, config: Config) -> int:
     def work() -> int:
-        for path in args.postfix_log:
-            if not os.path.isfile(path):
+        given = [bool(args.postfix_log), bool(args.exim_log), args.journal]
+        if not any(given):
+            raise TlsRptCommandError("nothing to read: give --postfix-log FILE, --exim-log FILE or --journal")
+        if sum(given) > 1:
+            raise TlsRptCommandError("--postfix-log, --exim-log and --journal are separate readers: run one of each")
+        paths = args.postfix_log or args.exim_log
+        for path in paths:
+            if not args.follow and not os.path.isfile(path):
                 raise TlsRptCommandError(f"cannot read {path}: no such file")
         cache = PolicyCache(require_cache(config), config.cache.memory_entries)
         try:
             with _store(config, create=True) as store:
-                reader = PostfixIngest(store, policy_from_cache(cache), SourceAddresses(config.tlsrpt.sending_ips))
-                for path in args.postfix_log:
+                policies, sources = policy_from_cache(cache), SourceAddresses(config.tlsrpt.sending_ips)
+                if args.journal:
+                    journal = JournalIngest(store, policies, sources)
+                    with _stopped_by_signals(journal.stop):
+                        summary = journal.ingest_records(_journal_records(journal, args.follow))
+                    print(f"{summary.line()} source=journal", flush=True)
+                    return 0
+                reader = (EximIngest if args.exim_log else PostfixIngest)(store, policies, sources)
+                if args.follow:
+                    with _stopped_by_signals(reader.stop):
+                        reader.follow(paths,
+                                      report=lambda path, summary: print(f"{summary.line()} file={path}", flush=True))
+                    return 0
+                for path in paths:
                     try:
                         summary = reader.ingest(path)
                     except OSError as exc:
@@ -129,6 +165,59 @@ def ingest_command(args: argparse.Namespace, config: Config) -> int:
             cache.close()
         return 0
     return _run("ingest", work)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop`: the reader ends after its next commit, the position saved."""
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _journal_records(reader: JournalIngest, follow: bool) -> Iterator[str | None]:
+    """journalctl's JSON records after the stored cursor; None after a second without one (the
+    reader commits then). journalctl is ended when the reader stops."""
+    argv = journalctl_argv(reader.cursor(), follow)
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise TlsRptCommandError(f"cannot run {argv[0]}: {exc}") from None
+    assert process.stdout is not None
+    try:
+        for line in _lines_or_idle(process.stdout, reader.stop):
+            yield line
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    if process.returncode not in (0, -signal.SIGTERM) and not reader.stop.is_set():
+        raise TlsRptCommandError(f"{' '.join(argv)} exited with status {process.returncode}")
+
+
+def _lines_or_idle(stream: IO[bytes], stop: threading.Event, idle: float = FOLLOW_INTERVAL) -> Iterator[str | None]:
+    """Lines of a pipe; None when none came for `idle` seconds (bounded waits, so `stop` is seen)."""
+    rest = b""
+    fd = stream.fileno()
+    while not stop.is_set():
+        ready, _, _ = select.select([fd], [], [], idle)
+        if not ready:
+            yield None
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        rest += chunk
+        *complete, rest = rest.split(b"\n")
+        for line in complete:
+            yield line.decode("utf-8", "replace")
 
 
 # ----- build -----------------------------------------------------------------------------------

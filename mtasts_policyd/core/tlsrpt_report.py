@@ -16,7 +16,9 @@ Choices where the RFC leaves room (README "TLSRPT (in progress)"):
   not depend on the counts: a report rebuilt after late log lines replaces the earlier one under
   the same id instead of posing as a second report.
 - optional members are left out when empty: policy-string and mx-host (a no-policy-found policy
-  has neither), failure-details (no failures), receiving-ip and failure-reason-code (unknown).
+  has neither), failure-details (no failures), receiving-ip and failure-reason-code (unknown), and
+  sending-mta-ip and receiving-mx-hostname for a policy failure (RFC 8460 §4.3.2.2: the daemon's
+  policy fetch failed before any MX was chosen or connected to).
 """
 
 from __future__ import annotations
@@ -105,8 +107,11 @@ class FailureDetail:
     failed_session_count: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"result-type": self.result_type.value, "sending-mta-ip": self.sending_mta_ip,
-                               "receiving-mx-hostname": self.receiving_mx_hostname}
+        out: dict[str, Any] = {"result-type": self.result_type.value}
+        if self.sending_mta_ip:  # unknown for the daemon's own policy failures (no session yet)
+            out["sending-mta-ip"] = self.sending_mta_ip
+        if self.receiving_mx_hostname:  # none for a policy failure: no MX was chosen
+            out["receiving-mx-hostname"] = self.receiving_mx_hostname
         if self.receiving_ip:
             out["receiving-ip"] = self.receiving_ip
         out["failed-session-count"] = self.failed_session_count

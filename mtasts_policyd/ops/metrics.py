@@ -31,6 +31,7 @@ from mtasts_policyd.core.dane_verdict import Verdict
 from mtasts_policyd.core.errors import FailureKind
 from mtasts_policyd.resolution.resolver import Outcome
 from mtasts_policyd.resolution.service import DROP_REASONS
+from mtasts_policyd.store.tlsrpt_store import Totals
 
 if TYPE_CHECKING:
     from mtasts_policyd.resolution.resolver import Decision
@@ -213,6 +214,23 @@ class Metrics:
         family("mtasts_build_info", "gauge", "Version of mtasts-policyd and of Python; always 1.",
                [({"version": __version__, "python": platform.python_version()}, 1)])
         return "\n".join(out) + "\n"
+
+
+def tlsrpt_families(totals: Totals) -> list[Family]:
+    """The TLSRPT counts store's totals as metrics (README "Metrics"): the daemon exports them when
+    it has the store open, so what `tlsrpt ingest --follow` and `build` write is seen there too."""
+    return [
+        ("mtasts_tlsrpt_sessions_total", "counter",
+         "TLS sessions counted for TLSRPT, all days: success or the RFC 8460 result type (the daemon's own "
+         "sts-policy-* failures included).", [({"result": r}, n) for r, n in sorted(totals.sessions.items())]),
+        ("mtasts_tlsrpt_unparsed_lines_total", "counter", "MTA log lines `tlsrpt ingest` did not understand, by source.",
+         [({"source": s}, n) for s, n in sorted(totals.unparsed.items())]),
+        ("mtasts_tlsrpt_local_events_total", "counter",
+         "Our own failures seen in the MTA log (never reported), by kind.",
+         [({"kind": k}, n) for k, n in sorted(totals.local.items())]),
+        ("mtasts_tlsrpt_reports_built", "gauge", "Reports `tlsrpt build` wrote (distinct day and policy domain).",
+         [({}, totals.reports_built)]),
+    ]
 
 
 def _escape(value: str) -> str:

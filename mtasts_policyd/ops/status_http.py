@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
-from mtasts_policyd.ops.metrics import Family, Metrics, Sample
+from mtasts_policyd.ops.metrics import Family, Metrics, Sample, tlsrpt_families
 from mtasts_policyd.resolution.workers import in_thread
+from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError
 
 if TYPE_CHECKING:
     from mtasts_policyd.store.cache import PolicyCache
@@ -44,7 +45,8 @@ class MetricsServer:
                  listeners: dict[str, ConnectionSlots] | None = None,
                  pending: Callable[[], int] | None = None,
                  dropped: Callable[[], dict[str, int]] | None = None,
-                 dane: Callable[[], dict[str, Any]] | None = None) -> None:
+                 dane: Callable[[], dict[str, Any]] | None = None,
+                 tlsrpt: TlsRptStore | None = None) -> None:
         self.cache = cache
         self.registry = registry
         self.stopping = False  # set on SIGTERM: /health answers 503 while lookups drain
@@ -55,6 +57,7 @@ class MetricsServer:
         self.pending = pending  # resolutions in flight or queued now
         self.dropped = dropped  # resolutions not seen through, by reason
         self.dane = dane  # DANE's mode and probe state (resolution/dane.DaneGate.status)
+        self.tlsrpt = tlsrpt  # the TLSRPT counts store the daemon records into, if any
 
     def protocol(self) -> HttpProtocol:
         return HttpProtocol(self)
@@ -112,6 +115,11 @@ class MetricsServer:
         if self.pending is not None:
             gauges.append(("mtasts_resolutions_pending", "gauge", "Resolutions in flight or queued now.",
                            [({}, self.pending())]))
+        if self.tlsrpt is not None:
+            try:  # a few GROUP BYs over small tables, in a thread: never on the event loop
+                gauges += tlsrpt_families(await in_thread(self.tlsrpt.totals))
+            except TlsRptStoreError as exc:
+                log.warning("metrics: %s", exc)
         return self.registry.render(gauges, dropped=self.dropped() if self.dropped is not None else None)
 
 

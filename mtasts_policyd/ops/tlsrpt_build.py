@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 from mtasts_policyd.core.errors import DnsTemporaryFailure, MtaStsError
@@ -65,6 +66,7 @@ def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, 
         except OSError as exc:
             results.append(Built(domain, "failed", f"cannot write {path}: {exc}"))
             continue
+        store.built(day, domain, report.report_id, time.time())
         results.append(Built(domain, "built", path=path, report=report, rua=record.rua))
     return results
 

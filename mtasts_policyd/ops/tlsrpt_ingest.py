@@ -24,20 +24,30 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from mtasts_policyd.core.policy import Mode
+from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
-from mtasts_policyd.ops.tlsrpt_postfix import Evidence, LocalEvent, PostfixSessions, Session, parse_syslog
+from mtasts_policyd.ops.tlsrpt_postfix import (
+    Event,
+    Evidence,
+    LocalEvent,
+    LogLine,
+    PostfixSessions,
+    Session,
+    parse_syslog,
+)
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.tlsrpt_store import Batch, Position, TlsRptStore
 
 log = logging.getLogger("mtasts_policyd.tlsrpt")
 
 BATCH_LINES = 2000  # lines per transaction
+FOLLOW_INTERVAL = 1.0  # seconds between looks at a followed file's end
 HEAD_BYTES = 65536  # the first line (at most this much) identifies a file across runs
 UNTRUSTED_REASON = "untrusted-tls-connection"  # Postfix "may": the chain did not verify (no reason logged)
 
@@ -64,11 +74,16 @@ def policy_from_cache(cache: PolicyCache) -> PolicyLookup:
             policy = entry.usable_policy(when)
             if policy is None and entry.fetched_at is not None and entry.fetched_at > when:
                 policy = entry.policy
-        if policy is None or policy.mode is Mode.NONE:  # RFC 8461 §5: none is no active policy
-            return ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)
-        return ReportPolicy(PolicyType.STS, domain, policy.lines, policy.mx)
+        return report_policy(domain, policy) or ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)
 
     return lookup
+
+
+def report_policy(domain: str, policy: Policy | None) -> ReportPolicy | None:
+    """The `sts` policy member for an MTA-STS policy in force; None for no active policy."""
+    if policy is None or policy.mode is Mode.NONE:  # RFC 8461 §5: none is no active policy
+        return None
+    return ReportPolicy(PolicyType.STS, domain, policy.lines, policy.mx)
 
 
 class SourceAddresses:
@@ -141,8 +156,17 @@ def file_id(path: str) -> FileId:
     return FileId(f"{st.st_dev}:{st.st_ino}", head, st.st_size)
 
 
+class Sessions(Protocol):
+    """A log format's parser: its open sessions as plain data, saved with the position."""
+
+    def state(self) -> str: ...
+
+
 class PostfixIngest:
-    """Reads one Postfix log file into the store (see the module docstring)."""
+    """Reads one Postfix log file into the store (see the module docstring); EximIngest
+    (ops/tlsrpt_exim.py) reads Exim's main log the same way."""
+
+    KIND = "postfix"  # the position's source is "KIND:PATH"
 
     def __init__(self, store: TlsRptStore, policies: PolicyLookup, sources: SourceAddresses, *,
                  clock: Clock = utc_now, tz: datetime.tzinfo | None = None, batch_lines: int = BATCH_LINES) -> None:
@@ -152,15 +176,16 @@ class PostfixIngest:
         self.clock = clock
         self.tz = tz
         self.batch_lines = batch_lines
+        self.stop = threading.Event()  # set (SIGTERM): a read ends after its next commit
 
     def ingest(self, path: str) -> IngestSummary:
         """Read `path` to its last complete line; the counts and the position are committed together."""
         path = os.path.abspath(path)
-        source = f"postfix:{path}"
+        source = f"{self.KIND}:{path}"
         summary = IngestSummary()
         current = file_id(path)
         stored = self.store.position(source)
-        parser = PostfixSessions(state=stored.state if stored else "{}")
+        parser = self._parser(stored.state if stored else "{}")
         start = 0
         if stored is not None:
             if (stored.file_id, stored.head) == (current.file_id, current.head) and stored.offset <= current.size:
@@ -171,7 +196,7 @@ class PostfixIngest:
         self._read(path, current, start, source, parser, summary, final=False)
         return summary
 
-    def _rest_of_rotated(self, path: str, stored: Position, source: str, parser: PostfixSessions,
+    def _rest_of_rotated(self, path: str, stored: Position, source: str, parser: Sessions,
                          summary: IngestSummary) -> None:
         """logrotate renamed the file we were reading to `<path>.1`: take its last lines first."""
         rotated = f"{path}.1"
@@ -182,7 +207,7 @@ class PostfixIngest:
         if (old.file_id, old.head) == (stored.file_id, stored.head) and stored.offset <= old.size:
             self._read(rotated, old, stored.offset, source, parser, summary, final=True)
 
-    def _read(self, path: str, ident: FileId, start: int, source: str, parser: PostfixSessions,
+    def _read(self, path: str, ident: FileId, start: int, source: str, parser: Sessions,
               summary: IngestSummary, *, final: bool) -> None:
         """Lines from `start`; `final`: the file no longer grows, so a last line without LF counts."""
         summary.files.append(path)
@@ -197,22 +222,60 @@ class PostfixIngest:
                 if taken % self.batch_lines == 0:
                     self._commit(batch, offset, parser)
                     batch = Batch(batch.position)
+                    if self.stop.is_set():  # the position is saved: the next run goes on from here
+                        return
             self._commit(batch, offset, parser)
 
-    def _commit(self, batch: Batch, offset: int, parser: PostfixSessions) -> None:
+    def _commit(self, batch: Batch, offset: int, parser: Sessions) -> None:
         p = batch.position
         batch.position = Position(p.source, p.file_id, p.head, offset, parser.state())
         self.store.commit(batch, self.clock().timestamp())
 
-    def _line(self, text: str, parser: PostfixSessions, batch: Batch, summary: IngestSummary) -> None:
+    def follow(self, paths: list[str], interval: float = FOLLOW_INTERVAL,
+               report: Callable[[str, IngestSummary], None] | None = None) -> None:
+        """`ingest --follow`: read every file to its end, then again every `interval` seconds (a bounded
+        wait on `stop`), until `stop` is set (SIGTERM). Rotation is what `ingest` handles: the next
+        round sees the new file and reads the rest of `<path>.1` first; a file missing for a while
+        (between logrotate's rename and syslog's reopen) is waited for. Every batch is committed
+        with its position, so the follower stops, or dies, anywhere without a line lost or twice."""
+        missing: set[str] = set()
+        while not self.stop.is_set():
+            for path in paths:
+                try:
+                    summary = self.ingest(path)
+                except FileNotFoundError:
+                    if path not in missing:
+                        log.warning("tlsrpt ingest file=%s missing; waiting for it", path)
+                    missing.add(path)
+                    continue
+                missing.discard(path)
+                if report is not None and summary.lines:
+                    report(path, summary)
+                if self.stop.is_set():
+                    break
+            self.stop.wait(interval)
+
+    def _parser(self, state: str) -> Sessions:
+        return PostfixSessions(state=state)
+
+    def _line(self, text: str, parser: Sessions, batch: Batch, summary: IngestSummary) -> None:
         summary.lines += 1
         if not text.strip():
             return
-        line = parse_syslog(text, self.clock(), self.tz)
+        assert isinstance(parser, PostfixSessions)
+        self._log_line(parse_syslog(text, self.clock(), self.tz), text, parser, batch, summary)
+
+    def _log_line(self, line: LogLine | None, text: str, parser: PostfixSessions, batch: Batch,
+                  summary: IngestSummary) -> None:
+        """One MTA line (None: not a log line at all, counted as unparsed) into the batch."""
         if line is None:
             self._unparsed(batch, summary, None, text)
             return
-        for event in parser.feed(line):
+        self._events(parser.feed(line), batch, summary)
+
+    def _events(self, events: Iterable[Event], batch: Batch, summary: IngestSummary) -> None:
+        """Sessions (with the policy in force and their result), local events, unparsed lines."""
+        for event in events:
             if isinstance(event, Session):
                 policy = self.policies(event.domain, event.when)
                 result, reason = session_result(event, policy)

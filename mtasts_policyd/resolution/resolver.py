@@ -123,6 +123,16 @@ class ResolutionCounters(Protocol):
         """A resolution that failed and started a back-off: a FailureKind value."""
 
 
+class PolicyFailures(Protocol):
+    """Where the daemon records its own failed policy resolutions for TLSRPT (RFC 8460 §4.3.2.2),
+    handed in (ops/tlsrpt_policy.py implements it). Called from `resolve()`, i.e. in a worker
+    thread, never on the lookup path; it decides itself which failures are worth reporting."""
+
+    def policy_failed(self, domain: str, failure: Failure, failures: int, policy: Policy | None,
+                      now: float) -> None:
+        """`failures`: consecutive failures including this one; `policy`: the usable cached policy."""
+
+
 class _NoCounters:
     """Counts nothing: commands other than `serve` export no metrics (README "Metrics")."""
 
@@ -213,6 +223,9 @@ class PolicyResolver:
         # The decision last built from each cached entry: a hit returns the same object until the
         # entry is replaced or DANE's state changes (the lookup path runs on one thread: no lock).
         self._decisions: dict[str, tuple[Entry, CacheState, int, Decision]] = {}
+        # TLSRPT records of the daemon's own policy failures (runtime/daemon.py sets it when a
+        # TLSRPT store is in use); None for the commands and tests.
+        self.policy_failures: PolicyFailures | None = None
 
     @property
     def trust(self) -> TrustStore:
@@ -403,4 +416,6 @@ class PolicyResolver:
         self._counters.refresh_failed(exc.kind.value)
         log.warning("refresh domain=%s failed kind=%s retry_in=%ds keeping=%s detail=%s", entry.domain,
                     exc.kind.value, delay, usable.mode.value if usable else "nothing", exc.detail)
+        if self.policy_failures is not None:
+            self.policy_failures.policy_failed(entry.domain, exc.failure, failures, usable, now)
         return replace(entry, failure=exc.failure, failure_at=now, failures=failures, retry_after=now + delay)

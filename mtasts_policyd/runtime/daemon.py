@@ -23,6 +23,7 @@ from mtasts_policyd.net.dnssec import DnssecResolver, resolver_addresses
 from mtasts_policyd.net.https import PolicyFetcher
 from mtasts_policyd.ops.metrics import Metrics
 from mtasts_policyd.ops.status_http import MetricsServer, parse_metrics_address
+from mtasts_policyd.ops.tlsrpt_policy import PolicyFailureRecorder
 from mtasts_policyd.resolution.dane import DaneCounters, DaneGate, Notes, not_on_loopback
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolutionCounters
 from mtasts_policyd.resolution.service import PolicyService
@@ -34,6 +35,7 @@ from mtasts_policyd.store.base import PruneSettings
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.entry import merge
 from mtasts_policyd.store.sqlite import default_cache_path
+from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError, default_store_path
 
 log = logging.getLogger("mtasts_policyd")
 
@@ -51,6 +53,27 @@ class CacheMissing(Exception):
 
 def cache_path(config: Config) -> str:
     return config.cache.path or default_cache_path()
+
+
+def tlsrpt_store_path(config: Config) -> str:
+    """`tlsrpt.store`, else `tlsrpt.sqlite3` beside the cache (README "TLSRPT")."""
+    return config.tlsrpt.store or default_store_path(cache_path(config))
+
+
+def open_tlsrpt_recorder(config: Config) -> PolicyFailureRecorder | None:
+    """The daemon records its own policy failures (ops/tlsrpt_policy.py) when `tlsrpt.store` is set,
+    or when the store exists at its default path (`tlsrpt ingest` made it): a daemon whose operator
+    does not use TLSRPT makes no file. A store that cannot be opened is logged; serving goes on."""
+    path = tlsrpt_store_path(config)
+    if config.tlsrpt.store is None and not os.path.exists(path):
+        return None
+    try:
+        recorder = PolicyFailureRecorder(TlsRptStore(path))
+    except TlsRptStoreError as exc:
+        log.error("tlsrpt store not used, policy failures are not recorded: %s", exc)
+        return None
+    log.info("tlsrpt store=%s records policy failures", path)
+    return recorder
 
 
 def require_cache(config: Config) -> str:
@@ -196,6 +219,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     registry = Metrics(front_end.name for front_end in FRONT_ENDS)  # counters handed to what counts
     resolver = build_resolver(config, counters=registry)
     resolver.dane = dane = build_dane(config, registry, resolver.cache)
+    resolver.policy_failures = recorder = open_tlsrpt_recorder(config)
     await start_dane(dane, config)
     service = PolicyService(resolver, workers=config.workers)
     service.prune_settings, service.prune_interval = prune_settings(config), config.cache.prune_interval
@@ -211,7 +235,8 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
             log.info("listening %s=%s", front_end.name, address)
     metrics = MetricsServer(resolver.cache, registry, max_connections=config.metrics.max_connections,
                             listeners={front_end.name: running.slots for front_end, running in served},
-                            pending=lambda: service.pending, dropped=lambda: service.dropped, dane=dane.status)
+                            pending=lambda: service.pending, dropped=lambda: service.dropped, dane=dane.status,
+                            tlsrpt=recorder.store if recorder is not None else None)
     metrics_listener = None
     if config.metrics.listen:  # opt-in: no HTTP listener unless configured
         address = parse_metrics_address(config.metrics.listen)
@@ -265,6 +290,8 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         prober.cancel()
         service.close()
         await close_cache(resolver.cache, deadline)
+        if recorder is not None:
+            recorder.store.close()
         log.info("stopped")
 
 

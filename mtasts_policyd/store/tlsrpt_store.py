@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
@@ -48,6 +48,10 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS positions (
         source TEXT PRIMARY KEY, file_id TEXT NOT NULL, head TEXT NOT NULL, offset INTEGER NOT NULL,
         state TEXT NOT NULL, updated_at REAL NOT NULL)""",
+    # Reports `tlsrpt build` wrote: one row per day and domain (a rebuild replaces it), for metrics.
+    """CREATE TABLE IF NOT EXISTS built (
+        day TEXT NOT NULL, policy_domain TEXT NOT NULL, report_id TEXT NOT NULL, built_at REAL NOT NULL,
+        PRIMARY KEY (day, policy_domain))""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
@@ -95,6 +99,17 @@ class Batch:
         return not (self.sessions or self.unparsed or self.local)
 
 
+@dataclass(frozen=True)
+class Totals:
+    """Sums over all days: sessions by result ("success" or the result type), unparsed lines by
+    source, local events by kind, and reports built (distinct day and domain)."""
+
+    sessions: dict[str, int]
+    unparsed: dict[str, int]
+    local: dict[str, int]
+    reports_built: int
+
+
 class TlsRptStore:
     """The store on one SQLite file (WAL: `show` and `build` read while `ingest` writes)."""
 
@@ -140,11 +155,25 @@ class TlsRptStore:
 
     def commit(self, batch: Batch, now: float) -> None:
         """Add the batch and move the position, in one transaction (module docstring)."""
+        self._transaction(lambda: self._write(batch, now))
+
+    def record(self, sessions: list[tuple[datetime.date, SessionCount]]) -> None:
+        """Add counts that no log position goes with: the daemon's own policy failures
+        (ops/tlsrpt_policy.py), written from its worker threads."""
+        self._transaction(lambda: self._add_sessions(sessions))
+
+    def built(self, day: datetime.date, domain: str, report_id: str, now: float) -> None:
+        """`tlsrpt build` wrote the report of `domain` for `day` (counted once however often rebuilt)."""
+        def write() -> None:
+            self._db.execute("INSERT OR REPLACE INTO built VALUES (?, ?, ?, ?)", (day.isoformat(), domain, report_id, now))
+        self._transaction(write)
+
+    def _transaction(self, work: Callable[[], None]) -> None:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._write(batch, now)
+                    work()
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
@@ -152,11 +181,14 @@ class TlsRptStore:
             except sqlite3.Error as exc:
                 raise TlsRptStoreError(f"cannot write TLSRPT store {self.path}: {exc}") from None
 
-    def _write(self, batch: Batch, now: float) -> None:
+    def _add_sessions(self, sessions: list[tuple[datetime.date, SessionCount]]) -> None:
         self._db.executemany(
             "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
             "SET sessions = sessions + excluded.sessions",
-            [(day.isoformat(), *_key(count), count.sessions) for day, count in batch.sessions])
+            [(day.isoformat(), *_key(count), count.sessions) for day, count in sessions])
+
+    def _write(self, batch: Batch, now: float) -> None:
+        self._add_sessions(batch.sessions)
         self._db.executemany(
             "INSERT INTO unparsed VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
             "SET lines = lines + excluded.lines, example = excluded.example",
@@ -194,6 +226,18 @@ class TlsRptStore:
     def local_events(self, day: datetime.date) -> dict[str, int]:
         return dict(self._db.execute("SELECT kind, count FROM local_events WHERE day = ? ORDER BY 1",
                                      (day.isoformat(),)).fetchall())
+
+    def totals(self) -> Totals:
+        """Everything counted so far, over all days: the metrics (README "TLSRPT", Metrics)."""
+        try:
+            return Totals(
+                dict(self._db.execute("SELECT CASE result WHEN '' THEN 'success' ELSE result END, SUM(sessions) "
+                                      "FROM sessions GROUP BY 1 ORDER BY 1").fetchall()),
+                dict(self._db.execute("SELECT source, SUM(lines) FROM unparsed GROUP BY 1 ORDER BY 1").fetchall()),
+                dict(self._db.execute("SELECT kind, SUM(count) FROM local_events GROUP BY 1 ORDER BY 1").fetchall()),
+                self._db.execute("SELECT COUNT(*) FROM built").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise TlsRptStoreError(f"cannot read TLSRPT store {self.path}: {exc}") from None
 
     def positions(self) -> Iterator[Position]:
         for row in self._db.execute("SELECT source, file_id, head, offset, state FROM positions ORDER BY 1"):
