@@ -46,8 +46,9 @@ class Built:
 
 
 def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, discovery: Discovery,
-              output: str) -> list[Built]:
-    """Reports of `day` for every policy domain with sessions, written into `output`."""
+              output: str, *, write: bool = True) -> list[Built]:
+    """Reports of `day` for every policy domain with sessions, written into `output` (write False:
+    only made, for `tlsrpt send --dry-run`, which changes nothing)."""
     results = []
     for domain in store.domains(day):
         try:
@@ -61,7 +62,8 @@ def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, 
         report = build_report(identity, day, domain, store.sessions(day, domain))
         path = os.path.join(output, filename(identity.submitter, domain, day))
         try:
-            write_whole(path, report.gzip_bytes())
+            if write:
+                write_whole(path, report.gzip_bytes())
         except OSError as exc:
             results.append(Built(domain, "failed", f"cannot write {path}: {exc}"))
             continue
