@@ -1,8 +1,8 @@
-"""`mtasts-policyd tlsrpt ingest|build|show`: RFC 8460 reports from the MTA's log (in progress).
+"""`mtasts-policyd tlsrpt ingest|build|send|show`: RFC 8460 reports from the MTA's log (in progress).
 
 Here: the options, the stores opened from the configuration (the daemon's cache for the policy in
 force, `tlsrpt.store` for the counts), the output lines and the exit status (README "TLSRPT (in
-progress)"). The work is in ops/tlsrpt_ingest.py and ops/tlsrpt_build.py.
+progress)"). The work is in ops/tlsrpt_ingest.py, ops/tlsrpt_build.py and ops/tlsrpt_send.py.
 """
 
 from __future__ import annotations
@@ -31,16 +31,18 @@ from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError, default_store_path
 
 DESCRIPTION = """\
-TLSRPT (RFC 8460) aggregate reports from the MTA's log (in progress: reports are built, not yet
-sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1) per UTC day,
-policy domain, policy and result; `build` writes one report file per policy domain that publishes
-a valid _smtp._tls record; `show` prints the counts of a day.
+TLSRPT (RFC 8460) aggregate reports from the MTA's log. `ingest` counts the TLS sessions of a
+Postfix log (smtp_tls_loglevel = 1) per UTC day, policy domain, policy and result; `build` writes
+one report file per policy domain that publishes a valid _smtp._tls record; `send` delivers them
+to every rua (https POST, mailto through the local MTA), once each, retrying for a day; `show`
+prints the counts of a day.
 """
 
 EPILOG = """\
 examples:
   mtasts-policyd tlsrpt ingest --postfix-log /var/log/mail.log
   mtasts-policyd tlsrpt build --day 2025-11-30 --output /var/lib/mtasts-policyd/reports
+  mtasts-policyd tlsrpt send --day 2025-11-30 --dry-run
   mtasts-policyd tlsrpt show --day 2025-11-30 --domain example.com
 """
 
