@@ -236,6 +236,10 @@ def test_send_command_delivers_to_every_rua_once_and_dry_run_sends_nothing(rig, 
     with open(config, "w") as handle:
         yaml.safe_dump(data, handle)
     assert run("tlsrpt", "ingest", "--config", config, "--postfix-log", log).returncode == 0
+    with TlsRptStore(str(tmp_path / "tlsrpt.sqlite3")) as store:
+        others = [d for d in store.domains(DAY) if d != domain]
+    for other in others:  # records other tests left in the shared DNS server: only ours asks here
+        rig.dns.remove(f"_smtp._tls.{other}", "TXT")
     output = tmp_path / "out"
     args = ("tlsrpt", "send", "--config", config, "--day", DAY.isoformat(), "--output", str(output))
 
