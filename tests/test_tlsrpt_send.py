@@ -198,6 +198,12 @@ def test_an_untrusted_certificate_is_a_failure(rig, endpoint, tmp_path):
     assert posts(rig, path) == []
 
 
+def test_an_unusable_https_uri_is_a_failure_not_a_crash(endpoint):
+    store, _, _, sender = endpoint
+    [result] = send_report(store, REPORT, "rcpt.example", ("https://localhost:notaport/x",), sender, NOW)
+    assert result.outcome == "failed" and "not a usable https URI" in result.detail
+
+
 def test_dry_run_sends_and_records_nothing(rig, endpoint):
     store, rua, path, sender = endpoint
     rig.https.set_rua("localhost", path, 200)

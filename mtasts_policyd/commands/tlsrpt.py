@@ -20,11 +20,11 @@ from typing import Any
 from mtasts_policyd.commands.common import command_with_actions
 from mtasts_policyd.core.tlsrpt_report import ReportIdentity, build_report
 from mtasts_policyd.net.dns import DnsDiscovery
-from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity
 from mtasts_policyd.net.https import tls_context
 from mtasts_policyd.net.trust import trust_store
-from mtasts_policyd.ops.tlsrpt_send import DkimKey, Sender, send_report, sendmail_command
+from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity, sender_address
 from mtasts_policyd.ops.tlsrpt_ingest import PostfixIngest, SourceAddresses, policy_from_cache
+from mtasts_policyd.ops.tlsrpt_send import DkimKey, Sender, send_report, sendmail_command
 from mtasts_policyd.runtime.config import Config
 from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
 from mtasts_policyd.store.cache import PolicyCache
@@ -210,7 +210,7 @@ def sender(config: Config, who: ReportIdentity) -> Sender:
         command = sendmail_command(settings.sendmail)
     except (OSError, ValueError) as exc:
         raise TlsRptCommandError(str(exc)) from None
-    address = settings.sender or who.contact_info
+    address = sender_address(settings.sender, socket.getfqdn())
     return Sender(address, who.submitter, command, key, context, settings.https_timeout)
 
 

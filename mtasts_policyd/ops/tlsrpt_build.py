@@ -21,12 +21,17 @@ from mtasts_policyd.store.sqlite import DIRECTORY_MODE, FILE_MODE
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore
 
 
+def sender_address(sender: str | None, fqdn: str) -> str:
+    """`tlsrpt.sender`, or tlsrpt-noreply@ this host's fully qualified name (README)."""
+    return sender or f"tlsrpt-noreply@{fqdn}"
+
+
 def report_identity(sender: str | None, organization_name: str | None, contact_info: str | None,
                     fqdn: str) -> ReportIdentity:
     """Who reports, from `tlsrpt:` (README): sender defaults to tlsrpt-noreply@ this host's fully
     qualified name, organization_name to the sender's domain, contact_info to the sender. A host
     name without a dot cannot name a submitter (RFC 8460 §5.1 sender = domain)."""
-    address = sender or f"tlsrpt-noreply@{fqdn}"
+    address = sender_address(sender, fqdn)
     domain = address.rpartition("@")[2].lower().rstrip(".")
     if "." not in domain:
         raise ValueError(f"this host's name {fqdn!r} is not a fully qualified domain name: set tlsrpt.sender")

@@ -93,11 +93,15 @@ def sign(message: bytes, key: DkimKey) -> bytes:
 
 def post_https(uri: str, body: bytes, context: ssl.SSLContext | None, timeout: float) -> None:
     """RFC 8460 §5.4: POST the gzip with Content-Type application/tlsrpt+gzip; 2xx is success."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme.lower() != "https" or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        host, port = parts.hostname, parts.port or 443
+    except ValueError as exc:  # a port that is not a number, a bracket left open
+        raise DeliveryFailed(f"not a usable https URI: {uri}: {exc}") from None
+    if parts.scheme.lower() != "https" or not host:
         raise DeliveryFailed(f"not an https URI: {uri}")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
+    connection = http.client.HTTPSConnection(host, port, timeout=timeout,
                                              context=context or ssl.create_default_context())
     try:
         connection.request("POST", path, body=body, headers={"Content-Type": MEDIA_TYPE,
