@@ -1,8 +1,8 @@
-"""`mtasts-policyd tlsrpt ingest|build|show`: RFC 8460 reports from the MTA's log (in progress).
+"""`mtasts-policyd tlsrpt ingest|build|send|show`: RFC 8460 reports from the MTA's log (in progress).
 
 Here: the options, the stores opened from the configuration (the daemon's cache for the policy in
 force, `tlsrpt.store` for the counts), the output lines and the exit status (README "TLSRPT (in
-progress)"). The work is in ops/tlsrpt_ingest.py and ops/tlsrpt_build.py.
+progress)"). The work is in ops/tlsrpt_ingest.py, ops/tlsrpt_build.py and ops/tlsrpt_send.py.
 """
 
 from __future__ import annotations
@@ -24,21 +24,24 @@ from typing import IO, Any
 from mtasts_policyd.commands.common import command_with_actions
 from mtasts_policyd.core.tlsrpt_report import ReportIdentity, build_report
 from mtasts_policyd.net.dns import DnsDiscovery
-from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity
+from mtasts_policyd.net.https import tls_context
+from mtasts_policyd.net.trust import trust_store
+from mtasts_policyd.ops.tlsrpt_build import build_day, report_identity, sender_address
 from mtasts_policyd.ops.tlsrpt_exim import EximIngest
 from mtasts_policyd.ops.tlsrpt_ingest import FOLLOW_INTERVAL, PostfixIngest, SourceAddresses, policy_from_cache
 from mtasts_policyd.ops.tlsrpt_journal import JournalIngest, journalctl_argv
+from mtasts_policyd.ops.tlsrpt_send import DkimKey, Sender, send_report, sendmail_command
 from mtasts_policyd.runtime.config import Config
 from mtasts_policyd.runtime.daemon import CacheMissing, require_cache, tlsrpt_store_path
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError
 
 DESCRIPTION = """\
-TLSRPT (RFC 8460) aggregate reports from the MTA's log (in progress: reports are built, not yet
-sent). `ingest` counts the TLS sessions of a Postfix log (smtp_tls_loglevel = 1), an Exim main log or
-Postfix's journal per UTC day,
-policy domain, policy and result; `build` writes one report file per policy domain that publishes
-a valid _smtp._tls record; `show` prints the counts of a day.
+TLSRPT (RFC 8460) aggregate reports from the MTA's log. `ingest` counts the TLS sessions of a
+Postfix log (smtp_tls_loglevel = 1), an Exim main log or Postfix's journal per UTC day, policy
+domain, policy and result; `build` writes one report file per policy domain that publishes a valid
+_smtp._tls record; `send` delivers them to every rua (https POST, mailto through the local MTA),
+once each, retrying for a day; `show` prints the counts of a day.
 """
 
 EPILOG = """\
@@ -48,6 +51,7 @@ examples:
   mtasts-policyd tlsrpt ingest --journal --follow
   mtasts-policyd tlsrpt ingest --exim-log /var/log/exim4/mainlog
   mtasts-policyd tlsrpt build --day 2025-11-30 --output /var/lib/mtasts-policyd/reports
+  mtasts-policyd tlsrpt send --day 2025-11-30 --dry-run
   mtasts-policyd tlsrpt show --day 2025-11-30 --domain example.com
 """
 
@@ -89,9 +93,16 @@ def register(sub: Any) -> None:
                "Write one RFC 8460 report (.json.gz, named per RFC 8460 §5.1) per policy domain with sessions on "
                "DAY that publishes a valid _smtp._tls record. Building a day again gives the same files. Exit "
                "status 1 if a domain's record could not be looked up or a file not written.")
-    p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
-    p.add_argument("--output", metavar="DIR", help="directory for the report files (default: reports/ beside "
-                                                    "the store)")
+    _day_and_output(p)
+
+    p = action("send", send_command, "deliver the reports of a day to every rua",
+               "Build the reports of DAY (as `build` does) and deliver each to every rua of its domain's "
+               "_smtp._tls record: https: as a POST (RFC 8460 §5.4), mailto: as the mail of §5.3 through "
+               "tlsrpt.sendmail, DKIM-signed when tlsrpt.dkim is set. A rua that has the report never gets it "
+               "again; a failed one is retried by a later run after a back-off, for a day. Exit status 1 if "
+               "any delivery failed or a report could not be built.")
+    _day_and_output(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would be sent; send and write nothing")
 
     p = action("show", show_command, "print the counts of a day",
                "Print the sessions counted on DAY per policy domain and policy: successes, failures by result "
@@ -99,6 +110,13 @@ def register(sub: Any) -> None:
     p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
     p.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
     p.add_argument("--json", action="store_true", help="one JSON document (policies as in a report)")
+
+
+def _day_and_output(p: argparse.ArgumentParser) -> None:
+    """--day and --output, as `build` and `send` both take them."""
+    p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
+    p.add_argument("--output", metavar="DIR", help="directory for the report files (default: reports/ beside "
+                                                    "the store)")
 
 
 def store_path(config: Config) -> str:
@@ -231,15 +249,22 @@ def identity(config: Config) -> ReportIdentity:
         raise TlsRptCommandError(str(exc)) from None
 
 
+def _output(args: argparse.Namespace, config: Config) -> str:
+    return args.output or os.path.join(os.path.dirname(os.path.abspath(store_path(config))), "reports")
+
+
+def _warn_unfinished(name: str, when: datetime.date) -> None:
+    if when >= datetime.datetime.now(datetime.UTC).date():
+        print(f"mtasts-policyd tlsrpt {name}: {when} is not over (UTC): its reports are not complete yet",
+              file=sys.stderr)
+
+
 def build_command(args: argparse.Namespace, config: Config) -> int:
     def work() -> int:
         who = identity(config)
-        output = args.output or os.path.join(os.path.dirname(os.path.abspath(store_path(config))), "reports")
-        if args.day >= datetime.datetime.now(datetime.UTC).date():
-            print(f"mtasts-policyd tlsrpt build: {args.day} is not over (UTC): its reports are not complete yet",
-                  file=sys.stderr)
+        _warn_unfinished("build", args.day)
         with _store(config, create=False) as store:
-            results = build_day(store, args.day, who, DnsDiscovery(config.dns), output)
+            results = build_day(store, args.day, who, DnsDiscovery(config.dns), _output(args, config))
         for result in results:
             if result.report is not None:
                 policies = result.report.policies
@@ -253,6 +278,54 @@ def build_command(args: argparse.Namespace, config: Config) -> int:
               f"(no valid TLSRPT record), {outcomes.count('failed')} failed")
         return 1 if "failed" in outcomes else 0
     return _run("build", work)
+
+
+# ----- send ------------------------------------------------------------------------------------
+
+
+def sender(config: Config, who: ReportIdentity) -> Sender:
+    """How report mail and posts leave, from `tlsrpt:` (README "TLSRPT")."""
+    settings = config.tlsrpt
+    key = None
+    if settings.dkim is not None:
+        try:
+            with open(settings.dkim.key_file, "rb") as handle:
+                key = DkimKey(settings.dkim.domain, settings.dkim.selector, handle.read())
+        except OSError as exc:
+            raise TlsRptCommandError(f"cannot read tlsrpt.dkim.key_file: {exc}") from None
+    try:
+        context = tls_context(trust_store(config.fetch.ca_file))
+        command = sendmail_command(settings.sendmail)
+    except (OSError, ValueError) as exc:
+        raise TlsRptCommandError(str(exc)) from None
+    address = sender_address(settings.sender, socket.getfqdn())
+    return Sender(address, who.submitter, command, key, context, settings.https_timeout)
+
+
+def send_command(args: argparse.Namespace, config: Config) -> int:
+    def work() -> int:
+        who = identity(config)
+        how = sender(config, who)
+        _warn_unfinished("send", args.day)
+        outcomes: list[str] = []
+        with _store(config, create=False) as store:
+            built = build_day(store, args.day, who, DnsDiscovery(config.dns), _output(args, config),
+                              write=not args.dry_run)
+            for result in built:
+                if result.report is None:
+                    print(f"{result.outcome} domain={result.domain} detail={result.detail}")
+                    outcomes.append(f"build-{result.outcome}")
+                    continue
+                for sent in send_report(store, result.report, result.domain, result.rua, how,
+                                        datetime.datetime.now(datetime.UTC), dry_run=args.dry_run):
+                    print(f"{sent.outcome} domain={sent.domain} report_id={sent.report_id} rua={sent.rua}"
+                          + (f" detail={sent.detail}" if sent.detail else ""))
+                    outcomes.append(sent.outcome)
+        names = ("sent", "would-send", "already-sent", "waiting", "failed", "given-up", "build-skipped",
+                 "build-failed")
+        print(f"send: {args.day}: " + ", ".join(f"{name} {outcomes.count(name)}" for name in names))
+        return 1 if {"failed", "given-up", "build-failed"} & set(outcomes) else 0
+    return _run("send", work)
 
 
 # ----- show ------------------------------------------------------------------------------------

@@ -482,8 +482,11 @@ def _check_exim_router(parsed: eximconf.EximConfig, piece: EximPiece, listeners:
                                 "before your remote (dnslookup) router")]
     findings = []
     ours = {p.router for p in EXIM_PIECES}
+    # A router limited to some envelope senders (`senders =`, e.g. contrib's tlsrpt_reports for
+    # report mail, RFC 8460 §5.3) does not take remote mail in general.
     earlier = [d.name for d in parsed.routers[:parsed.routers.index(router)]
-               if d.options.get("driver") in ("dnslookup", "manualroute") and d.name not in ours]
+               if d.options.get("driver") in ("dnslookup", "manualroute") and d.name not in ours
+               and not d.options.get("senders")]
     if earlier:
         findings.append(problem("exim", f"router {', '.join(earlier)} comes before {piece.router} and routes "
                                         f"remote mail first: move {piece.router} before it"))

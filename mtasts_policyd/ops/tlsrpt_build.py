@@ -22,12 +22,17 @@ from mtasts_policyd.store.sqlite import DIRECTORY_MODE, FILE_MODE
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore
 
 
+def sender_address(sender: str | None, fqdn: str) -> str:
+    """`tlsrpt.sender`, or tlsrpt-noreply@ this host's fully qualified name (README)."""
+    return sender or f"tlsrpt-noreply@{fqdn}"
+
+
 def report_identity(sender: str | None, organization_name: str | None, contact_info: str | None,
                     fqdn: str) -> ReportIdentity:
     """Who reports, from `tlsrpt:` (README): sender defaults to tlsrpt-noreply@ this host's fully
     qualified name, organization_name to the sender's domain, contact_info to the sender. A host
     name without a dot cannot name a submitter (RFC 8460 §5.1 sender = domain)."""
-    address = sender or f"tlsrpt-noreply@{fqdn}"
+    address = sender_address(sender, fqdn)
     domain = address.rpartition("@")[2].lower().rstrip(".")
     if "." not in domain:
         raise ValueError(f"this host's name {fqdn!r} is not a fully qualified domain name: set tlsrpt.sender")
@@ -47,8 +52,9 @@ class Built:
 
 
 def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, discovery: Discovery,
-              output: str) -> list[Built]:
-    """Reports of `day` for every policy domain with sessions, written into `output`."""
+              output: str, *, write: bool = True) -> list[Built]:
+    """Reports of `day` for every policy domain with sessions, written into `output` (write False:
+    only made, for `tlsrpt send --dry-run`, which changes nothing)."""
     results = []
     for domain in store.domains(day):
         try:
@@ -62,7 +68,8 @@ def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, 
         report = build_report(identity, day, domain, store.sessions(day, domain))
         path = os.path.join(output, filename(identity.submitter, domain, day))
         try:
-            write_whole(path, report.gzip_bytes())
+            if write:
+                write_whole(path, report.gzip_bytes())
         except OSError as exc:
             results.append(Built(domain, "failed", f"cannot write {path}: {exc}"))
             continue

@@ -126,6 +126,15 @@ def mail_address(text: str) -> None:
 
 
 @dataclass(frozen=True)
+class TlsRptDkimConfig:
+    """tlsrpt.dkim: - the DKIM key report mail is signed with (RFC 8460 §5.3, README "TLSRPT")."""
+
+    domain: str = field(default="", metadata=limits(min=1))  # d=
+    selector: str = field(default="", metadata=limits(min=1))  # s=; its TXT record should say s=tlsrpt
+    key_file: str = field(default="", metadata=limits(min=1))  # PEM private key (RSA or Ed25519)
+
+
+@dataclass(frozen=True)
 class TlsRptConfig:
     """tlsrpt: - RFC 8460 reports from the MTA's log (README "TLSRPT (in progress)")."""
 
@@ -139,6 +148,12 @@ class TlsRptConfig:
     sender: str | None = field(default=None, metadata=limits(check=mail_address))
     # empty: per receiving IP, the source address the routing table picks
     sending_ips: tuple[str, ...] = field(default=(), metadata=limits(check=ip_addresses))
+    # None: report mail is not DKIM-signed
+    dkim: TlsRptDkimConfig | None = None
+    # the command report mail is handed to, split like a shell would; `-i -f SENDER RCPT` is appended
+    sendmail: str = field(default="/usr/sbin/sendmail", metadata=limits(min=1))
+    # seconds for one https: delivery (connect, send, answer)
+    https_timeout: float = field(default=30.0, metadata=limits(min=1, max=600))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,12 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS built (
         day TEXT NOT NULL, policy_domain TEXT NOT NULL, report_id TEXT NOT NULL, built_at REAL NOT NULL,
         PRIMARY KEY (day, policy_domain))""",
+    # One row per report and rua (`tlsrpt send`): sent (never again), pending (retry at
+    # next_attempt) or given-up; first_attempt bounds the retries (ops/tlsrpt_send.py).
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        report_id TEXT NOT NULL, rua TEXT NOT NULL, day TEXT NOT NULL, state TEXT NOT NULL,
+        attempts INTEGER NOT NULL, first_attempt REAL NOT NULL, next_attempt REAL NOT NULL,
+        last_error TEXT NOT NULL, sent_at REAL, PRIMARY KEY (report_id, rua))""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
@@ -76,6 +82,21 @@ class Position:
     head: str
     offset: int
     state: str = "{}"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What is known of one report's delivery to one rua (RFC 8460 §5: each rua gets it once)."""
+
+    report_id: str
+    rua: str
+    day: str
+    state: str  # sent, pending, given-up
+    attempts: int
+    first_attempt: float
+    next_attempt: float
+    last_error: str = ""
+    sent_at: float | None = None
 
 
 @dataclass
@@ -238,6 +259,31 @@ class TlsRptStore:
                 self._db.execute("SELECT COUNT(*) FROM built").fetchone()[0])
         except sqlite3.Error as exc:
             raise TlsRptStoreError(f"cannot read TLSRPT store {self.path}: {exc}") from None
+
+    # ----- deliveries (`tlsrpt send`) ---------------------------------------------------------------
+
+    def delivery(self, report_id: str, rua: str) -> Delivery | None:
+        row = self._db.execute(
+            "SELECT report_id, rua, day, state, attempts, first_attempt, next_attempt, last_error, sent_at "
+            "FROM deliveries WHERE report_id = ? AND rua = ?", (report_id, rua)).fetchone()
+        return Delivery(*row) if row else None
+
+    def record_delivery(self, delivery: Delivery) -> None:
+        """Store the outcome of an attempt (committed at once: a sent report is never sent again)."""
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                     (delivery.report_id, delivery.rua, delivery.day, delivery.state,
+                                      delivery.attempts, delivery.first_attempt, delivery.next_attempt,
+                                      delivery.last_error, delivery.sent_at))
+            except sqlite3.Error as exc:
+                raise TlsRptStoreError(f"cannot write TLSRPT store {self.path}: {exc}") from None
+
+    def deliveries(self, day: datetime.date) -> list[Delivery]:
+        return [Delivery(*row) for row in self._db.execute(
+            "SELECT report_id, rua, day, state, attempts, first_attempt, next_attempt, last_error, sent_at "
+            "FROM deliveries WHERE day = ? ORDER BY 1, 2", (day.isoformat(),))]
 
     def positions(self) -> Iterator[Position]:
         for row in self._db.execute("SELECT source, file_id, head, offset, state FROM positions ORDER BY 1"):

@@ -100,8 +100,10 @@ class PostfixInstance:
     """A real Postfix instance in a private directory, controlled with `postfix -c DIR`."""
 
     def __init__(self, *, myhostname: str = f"sender.{ZONE}",
-                 extra_main_cf: dict[str, str] | None = None, smtp_max_use: int | None = 1) -> None:
-        """`smtp_max_use`: delivery requests per smtp(8) process (None: Postfix's default, 100)."""
+                 extra_main_cf: dict[str, str] | None = None, smtp_max_use: int | None = 1,
+                 extra_master_cf: str = "") -> None:
+        """`smtp_max_use`: delivery requests per smtp(8) process (None: Postfix's default, 100);
+        `extra_master_cf`: services appended to master.cf (contrib/postfix/tlsrpt-master.cf)."""
         self.directory = temp_dir("mtasts-postfix-")
         self.config_dir = self.directory / "etc"
         self.queue_dir = self.directory / "queue"
@@ -110,6 +112,7 @@ class PostfixInstance:
         self.myhostname = myhostname
         self.extra_main_cf = dict(extra_main_cf or {})
         self.smtp_max_use = smtp_max_use
+        self.extra_master_cf = extra_master_cf
         self.started = False
         self._write_config()
 
@@ -168,7 +171,8 @@ class PostfixInstance:
         lines += [f"{key} = {value}" for key, value in settings.items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
         smtp_options = "" if self.smtp_max_use is None else f"  -o max_use={self.smtp_max_use}\n  -o max_idle=1s\n"
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(smtp_options=smtp_options))
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(smtp_options=smtp_options)
+                                                   + self.extra_master_cf)
         expected = {k: v for k, v in EXPECTED_FROM_CONTRIB.items() if k not in self.extra_main_cf}
         effective = {key: self.postconf(key) for key in expected}
         if effective != expected:

@@ -65,6 +65,16 @@ class Policy:
 NOT_FOUND = Policy(body=b"not found\n", status=404)
 
 
+@dataclass(frozen=True)
+class Post:
+    """One POST received (a TLSRPT report, RFC 8460 §5.4)."""
+
+    host: str
+    path: str
+    content_type: str
+    body: bytes
+
+
 class PolicyServer(BoundedServer):
     """HTTPS server for https://mta-sts.<domain>/.well-known/mta-sts.txt, bounded by `lifetime`."""
 
@@ -88,6 +98,9 @@ class PolicyServer(BoundedServer):
         self.ca.cert_pem.write_to_path(self.ca_file)
         self.requests: list[tuple[str, str]] = []
         self._policies: dict[str, Policy] = {}
+        # TLSRPT https rua endpoints (RFC 8460 §5.4): every POST, and the statuses to answer per URL.
+        self.posts: list[Post] = []
+        self._rua_statuses: dict[tuple[str, str], list[int]] = {}
         self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
         self._lock = threading.Lock()
         self._context_lock = threading.Lock()  # separate: issuing a cert is slow-ish
@@ -154,6 +167,24 @@ class PolicyServer(BoundedServer):
         )
         with self._lock:
             self._policies[_vhost(domain)] = policy
+
+    def set_rua(self, host: str, path: str, *statuses: int) -> None:
+        """POSTs to https://<host><path> are answered with `statuses` in turn (the last one from then
+        on; none given: 200). Any host name gets a valid certificate from the test CA."""
+        with self._lock:
+            self._rua_statuses[(host.lower(), path)] = list(statuses or (200,))
+
+    def posts_to(self, host: str, path: str) -> list[Post]:
+        with self._lock:
+            return [post for post in self.posts if (post.host, post.path) == (host.lower(), path)]
+
+    def _take_post(self, post: Post) -> int:
+        with self._lock:
+            self.posts.append(post)
+            statuses = self._rua_statuses.get((post.host, post.path))
+            if not statuses:
+                return 404
+            return statuses.pop(0) if len(statuses) > 1 else statuses[0]
 
     def remove(self, domain: str) -> None:
         with self._lock:
@@ -305,6 +336,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._trickle(policy.body or b"x")
         else:
             self.wfile.write(policy.body)
+
+    def do_POST(self) -> None:
+        rig = self.server.rig
+        host = getattr(self.connection, "sni_name", None) or self._host_header()
+        length = min(int(self.headers.get("Content-Length", "0") or 0), 10_000_000)
+        body = self.rfile.read(length)
+        status = rig._take_post(Post(host, self.path, self.headers.get("Content-Type", ""), body))
+        self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        if 300 <= status < 400:
+            self.send_header("Location", f"https://{host}/elsewhere")
+        self.end_headers()
 
     def _trickle(self, body: bytes) -> None:
         """Endless chunked body, a few bytes at a time: a client without an overall
