@@ -84,3 +84,15 @@ def test_unknown_tls_lines_and_foreign_lines_are_unparsed():
     assert [type(e).__name__ for e in parser.feed(odd, UTC)] == ["Unparsed"]
     assert [type(e).__name__ for e in parser.feed("garbage", UTC)] == ["Unparsed"]
     assert list(parser.feed("2026-11-30 10:32:36 1xXygW-0006Mr-2G Completed", UTC)) == []
+
+
+def test_report_deliveries_of_the_tlsrpt_router_are_not_counted():
+    """Issue 10: no session is counted for the report mail itself (contrib/exim: router tlsrpt_reports)."""
+    def line(router: str, transport: str) -> str:
+        return (f"2026-11-30 10:32:36 1xXygW-0006Mr-2G => tlsrpt@r.example R={router} T={transport} "
+                "H=mx.r.example [127.0.0.35] X=TLS1.3:ECDHE_SECP256R1__ECDSA_SECP256R1_SHA256__AES_256_GCM:256 "
+                'CV=no DN="O=x" C="250 2.0.0 Ok: queued"')
+
+    assert list(EximSessions().feed(line("tlsrpt_reports", "tlsrpt_smtp"), UTC)) == []
+    sessions = [e for e in EximSessions().feed(line("dnslookup", "remote_smtp"), UTC) if isinstance(e, Session)]
+    assert [s.domain for s in sessions] == ["r.example"]

@@ -210,3 +210,16 @@ def test_syslog_time_stamps():
     assert when("2025-11-30T09:58:11.123456+01:00") == "2025-11-30T08:58:11.123456+00:00"
     assert parse_syslog("Nov 31 09:58:11 mail postfix/smtp[1]: x", NOW, UTC) is None  # no such day
     assert parse_syslog("-- Journal begins at ...", NOW, UTC) is None
+
+
+def test_report_deliveries_of_the_tlsrpt_transport_are_not_counted():
+    """Issue 10: no session is counted for the report mail itself. contrib/postfix/tlsrpt-master.cf's
+    transport logs as postfix/tlsrpt/smtp; the same lines from postfix/smtp are one session."""
+    def lines(program: str) -> list[str]:
+        return [f"Dec  1 10:00:01 mail {program}[12]: Untrusted TLS connection established to "
+                "mx.r.example[192.0.2.7]:25: TLSv1.3",
+                f"Dec  1 10:00:01 mail {program}[12]: 6R0ab1CdEfGh: to=<tlsrpt@r.example>, "
+                "relay=mx.r.example[192.0.2.7]:25, delay=1, delays=0/0/0/1, dsn=2.0.0, status=sent (250 ok)"]
+
+    assert run(lines("postfix/tlsrpt/smtp")) == []
+    assert [s.domain for s in run(lines("postfix/smtp")) if isinstance(s, Session)] == ["r.example"]

@@ -51,6 +51,9 @@ _TLS = re.compile(r" X=(?P<cipher>\S+)(?: CV=(?P<cv>yes|no|dane))?")
 _UNENCRYPTED = re.compile(rf"{_MSGID} TLS session: \((?P<what>[^)]*)\): .*delivering unencrypted to {_HOST}")
 _VERIFY = "TLS session: (certificate verification failed)"
 _HANDSHAKE = re.compile(r"TLS session: \((?:gnutls_handshake|SSL_connect)\)")
+# contrib/exim/exim.conf's router for our own report mail (TLSRPT_SENDER): those deliveries are
+# never counted (issue 10: no session counted for report mail itself).
+_REPORT_ROUTER = re.compile(r"(?:^| )R=tlsrpt_reports(?: |$)")
 _NOT_OFFERED = "a TLS session is required, but the server did not offer TLS support"
 _REFUSED = "SMTP error from remote mail server after STARTTLS"
 # Lines that name TLS and carry nothing for a report (the sink closing without close_notify).
@@ -113,6 +116,8 @@ class EximSessions:
             yield Session(float(str(pending[0])), domain, str(pending[1]), str(pending[2]), Evidence.FAILED,
                           ResultType.VALIDATION_FAILURE, "tls-handshake-failure")
         rest = match["rest"]
+        if _REPORT_ROUTER.search(rest):
+            return
         host = _DELIVERED_HOST.search(rest)
         if host is None:  # no host tried (retry time not reached, routing failure)
             return

@@ -47,6 +47,9 @@ from mtasts_policyd.core.names import to_alabel
 from mtasts_policyd.core.tlsrpt_report import ResultType
 
 DEFAULT_SERVICES = ("smtp", "relay")  # master.cf services running smtp(8) in a stock Postfix
+# contrib/postfix/tlsrpt-master.cf's transport for report mail logs as "postfix/tlsrpt/smtp": those
+# are our own report deliveries, never counted (issue 10: no session counted for report mail).
+REPORT_TRANSPORT = "tlsrpt"
 STALE_AFTER = 3600.0  # seconds: a process's open session without any further line is given up
 RECIPIENTS_WINDOW = 60.0  # seconds a process is remembered after its last status line
 
@@ -225,6 +228,8 @@ class PostfixSessions:
     def feed(self, line: LogLine) -> Iterator[Event]:
         """The events one line completes (a status line completes all sessions of its delivery)."""
         if line.service not in self.services or not line.program.startswith("postfix"):
+            return
+        if REPORT_TRANSPORT in line.program.split("/")[:-1]:
             return
         self._latest = max(self._latest, line.when)
         key = f"{line.program}[{line.pid}]"
