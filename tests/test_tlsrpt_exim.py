@@ -34,7 +34,7 @@ NO_POLICY = {**{b: None for b in ENFORCE}, "no-starttls": "-", "starttls-refused
 EXPECTED = {"enforce": ENFORCE, "testing": TESTING, "nopol": NO_POLICY}
 
 
-def policies(domain: str, when: float) -> ReportPolicy:
+def policies(domain: str, when: float, mx_host: str = "") -> ReportPolicy:
     mode = domain.split("-")[1]
     if mode == "nopol":
         return ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)

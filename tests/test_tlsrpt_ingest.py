@@ -12,6 +12,8 @@ from collections import Counter
 
 import pytest
 
+from mtasts_policyd.core.dane import AddressState, DaneInputs, HostState, MxKind, MxState, Tlsa, TlsaState
+from mtasts_policyd.core.dane_verdict import DaneBranch, Verdict, decide
 from mtasts_policyd.core.policy import parse_policy
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy
 from mtasts_policyd.ops.tlsrpt_ingest import PostfixIngest, SourceAddresses, policy_from_cache
@@ -31,7 +33,7 @@ def sts(domain: str, mode: str) -> ReportPolicy:
                                                  "max_age: 86400"), (f"*.{domain}",))
 
 
-def policies(domain: str, when: float) -> ReportPolicy:
+def policies(domain: str, when: float, mx_host: str = "") -> ReportPolicy:
     """As the daemon's cache held them during the recording: x-enforce-*, x-testing-*, x-nopol-*."""
     mode = domain.split("-")[1]
     return sts(domain, mode) if mode in ("enforce", "testing") else ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)
@@ -232,6 +234,58 @@ def test_policy_in_force_from_the_daemons_cache(tmp_path):
     assert lookup("later.example", when).policy_type is PolicyType.STS  # fetched after the session
     for domain in ("none.example", "nothing.example", "unknown.example"):
         assert lookup(domain, when) == ReportPolicy(PolicyType.NO_POLICY_FOUND, domain)
+    cache.close()
+
+
+def dane_branch(domain: str, hosts: dict[str, tuple[Tlsa, ...] | None], at: float) -> DaneBranch:
+    """A DANE half as the resolver caches it: secure MX RRset; a host with records has a secure TLSA
+    RRset (None: an insecure one). The verdict comes from core/dane_verdict.decide itself."""
+    inputs = DaneInputs(domain, MxState(MxKind.RECORDS, True, tuple(hosts), 3600), tuple(
+        HostState(host, AddressState(True, ("198.51.100.25",), host, 3600),
+                  TlsaState(f"_25._tcp.{host}", records is not None, records or (), 3600))
+        for host, records in hosts.items()))
+    return DaneBranch(decide(inputs), inputs, at)
+
+
+def test_tlsa_policy_when_the_cache_holds_a_dane_verdict(tmp_path):
+    # RFC 8460 §4.4: a session made under DANE is reported with policy-type "tlsa", the usable TLSA
+    # records as policy-string (presentation form) and the MX host as mx-host; the MTA-STS policy
+    # of the same domain, or no-policy-found, only where DANE did not apply to that host.
+    cache = PolicyCache(str(tmp_path / "cache.sqlite3"))
+    when = NOW.timestamp()
+    ee = Tlsa(3, 1, 1, bytes(range(32)))
+    ta = Tlsa(2, 0, 1, bytes(32))
+    unusable = Tlsa(0, 0, 1, bytes(32))  # PKIX-TA: unusable for SMTP (RFC 7672 §3.1.3)
+    body = b"version: STSv1\nmode: enforce\nmx: *.both.example\nmax_age: 86400\n"
+    only = dane_branch("only.example", {"mx1.only.example": (ee, unusable), "mx2.only.example": (ta,)}, when - 60)
+    mixed = dane_branch("mixed.example", {"mx1.mixed.example": (ee,), "mx2.mixed.example": None}, when - 60)
+    both = dane_branch("both.example", {"mx.both.example": (ee,)}, when - 60)
+    stale = dane_branch("stale.example", {"mx.stale.example": (ee,)}, when - 7200)
+    assert (only.verdict, mixed.verdict, both.verdict) == (Verdict.DANE_ONLY, Verdict.DANE, Verdict.DANE_ONLY)
+    assert stale.expires_at <= when  # its decision's TTL ran out before the session
+    for entry in (Entry("only.example", negative_until=when, dane=only),
+                  Entry("mixed.example", negative_until=when, dane=mixed),
+                  Entry("both.example", txt_record="v=STSv1; id=1", policy_id="1", policy_body=body,
+                        policy=parse_policy(body), fetched_at=when - 60, dane=both),
+                  Entry("stale.example", negative_until=when, dane=stale)):
+        assert cache.put(entry) is not None
+    lookup = policy_from_cache(cache)
+    assert lookup("only.example", when, "mx1.only.example") == ReportPolicy(
+        PolicyType.TLSA, "only.example", (f"3 1 1 {bytes(range(32)).hex()}",), ("mx1.only.example",))
+    assert lookup("only.example", when, "MX2.only.example.") == ReportPolicy(
+        PolicyType.TLSA, "only.example", (f"2 0 1 {'00' * 32}",), ("mx2.only.example",))
+    assert lookup("mixed.example", when, "mx1.mixed.example").policy_type is PolicyType.TLSA
+    # verdict "dane", host without a secure TLSA RRset: opportunistic TLS, as without DANE
+    assert lookup("mixed.example", when, "mx2.mixed.example") == ReportPolicy(PolicyType.NO_POLICY_FOUND,
+                                                                             "mixed.example")
+    # RFC 8461 §2: DANE comes first where both are published
+    assert lookup("both.example", when, "mx.both.example").policy_type is PolicyType.TLSA
+    # a decision made after the session stands in for the one before it (the cache keeps the last),
+    # as a later MTA-STS fetch does; once its TTL has run out, the MTA-STS policy is the one in force
+    assert lookup("both.example", when - 7200, "mx.both.example").policy_type is PolicyType.TLSA
+    assert lookup("both.example", both.expires_at, "mx.both.example").policy_type is PolicyType.STS
+    assert lookup("stale.example", when, "mx.stale.example").policy_type is PolicyType.NO_POLICY_FOUND
+    assert lookup("only.example", when, "").policy_type is PolicyType.NO_POLICY_FOUND  # host unknown
     cache.close()
 
 

@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
-from mtasts_policyd.store.tlsrpt_store import Batch, Position, TlsRptStore, TlsRptStoreError, default_store_path
+from mtasts_policyd.ops.metrics import tlsrpt_families
+from mtasts_policyd.store.tlsrpt_store import Batch, Delivery, Position, TlsRptStore, TlsRptStoreError, default_store_path
 
 DAY = datetime.date(2025, 3, 1)
 STS = ReportPolicy(PolicyType.STS, "example.com", ("version: STSv1", "mode: enforce", "mx: mx.example.com",
@@ -125,3 +126,20 @@ def test_totals_for_metrics(tmp_path):
     assert totals.unparsed == {"postfix:/var/log/mail.log": 1}
     assert totals.local == {"policy-map-error": 1}
     assert totals.reports_built == 1
+    assert totals.deliveries == {}
+
+
+def test_totals_count_deliveries_by_state(tmp_path):
+    # README "Metrics" (issue 10: reports sent/failed): one delivery per report and rua, by its
+    # latest state; a pending delivery that is sent later counts once, as sent.
+    with TlsRptStore(str(tmp_path / "tlsrpt.sqlite3")) as store:
+        rid = "20250301.example.com@r.example"
+        store.record_delivery(Delivery(rid, "mailto:a@example.com", "2025-03-01", "pending", 1, 1.0, 61.0, "421"))
+        store.record_delivery(Delivery(rid, "mailto:a@example.com", "2025-03-01", "sent", 2, 1.0, 61.0, "", 61.0))
+        store.record_delivery(Delivery(rid, "https://r.example.com/", "2025-03-01", "pending", 1, 1.0, 61.0, "503"))
+        store.record_delivery(Delivery(rid, "mailto:b@example.com", "2025-03-01", "given-up", 9, 1.0, 9e9, "550"))
+        totals = store.totals()
+    assert totals.deliveries == {"sent": 1, "pending": 1, "given-up": 1}
+    families = {name: samples for name, _, _, samples in tlsrpt_families(totals)}
+    assert families["mtasts_tlsrpt_report_deliveries"] == [({"state": "sent"}, 1), ({"state": "pending"}, 1),
+                                                           ({"state": "given-up"}, 1)]

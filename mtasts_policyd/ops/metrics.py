@@ -230,6 +230,10 @@ def tlsrpt_families(totals: Totals) -> list[Family]:
          [({"kind": k}, n) for k, n in sorted(totals.local.items())]),
         ("mtasts_tlsrpt_reports_built", "gauge", "Reports `tlsrpt build` wrote (distinct day and policy domain).",
          [({}, totals.reports_built)]),
+        ("mtasts_tlsrpt_report_deliveries", "gauge",
+         "Report deliveries of `tlsrpt send` (one per report and rua) by state: sent, pending (failed, "
+         "retried later), given-up.",
+         [({"state": st}, totals.deliveries.get(st, 0)) for st in ("sent", "pending", "given-up")]),
     ]
 
 

@@ -13,6 +13,7 @@ import datetime
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mtasts_policyd.core.errors import DnsTemporaryFailure, MtaStsError
@@ -52,9 +53,10 @@ class Built:
 
 
 def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, discovery: Discovery,
-              output: str, *, write: bool = True) -> list[Built]:
+              output: str, *, write: bool = True, clock: Callable[[], float] = time.time) -> list[Built]:
     """Reports of `day` for every policy domain with sessions, written into `output` (write False:
-    only made, for `tlsrpt send --dry-run`, which changes nothing)."""
+    only made, for `tlsrpt send --dry-run`, which changes nothing). The report's content depends on
+    `day` alone; `clock` only stamps when it was built (injected by tests)."""
     results = []
     for domain in store.domains(day):
         try:
@@ -73,7 +75,7 @@ def build_day(store: TlsRptStore, day: datetime.date, identity: ReportIdentity, 
         except OSError as exc:
             results.append(Built(domain, "failed", f"cannot write {path}: {exc}"))
             continue
-        store.built(day, domain, report.report_id, time.time())
+        store.built(day, domain, report.report_id, clock())
         results.append(Built(domain, "built", path=path, report=report, rua=record.rua))
     return results
 

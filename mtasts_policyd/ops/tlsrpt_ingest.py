@@ -2,9 +2,11 @@
 
 The parser (tlsrpt_postfix.py) says what each session was; this module adds what a report needs
 and the log does not say, and keeps the reading exact:
-- the policy in force for the domain at the session's time, from the daemon's cache (an enforce
-  or testing MTA-STS policy is `sts` with its lines and mx patterns; mode none, no policy or a
-  domain the cache does not know is `no-policy-found`);
+- the policy in force for the domain at the session's time, from the daemon's cache: a DANE
+  verdict dane-only or dane held then, and the session's MX host has usable TLSA records, is
+  `tlsa` with those records and the host (RFC 8460 §4.4; RFC 8461 §2: DANE comes first); else an
+  enforce or testing MTA-STS policy is `sts` with its lines and mx patterns; mode none, no policy
+  or a domain the cache does not know is `no-policy-found`;
 - the result type where it depends on that policy: a session at Postfix's opportunistic level
   ("may": what the daemon answers for testing policies) whose certificate chain did not verify is
   `certificate-not-trusted` under an sts policy, and a success without a policy (opportunistic TLS
@@ -30,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
+from mtasts_policyd.core.dane import TlsaState
+from mtasts_policyd.core.dane_verdict import DaneBranch, Verdict
 from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.core.tlsrpt_report import PolicyType, ReportPolicy, ResultType, SessionCount
 from mtasts_policyd.ops.tlsrpt_postfix import (
@@ -51,7 +55,7 @@ FOLLOW_INTERVAL = 1.0  # seconds between looks at a followed file's end
 HEAD_BYTES = 65536  # the first line (at most this much) identifies a file across runs
 UNTRUSTED_REASON = "untrusted-tls-connection"  # Postfix "may": the chain did not verify (no reason logged)
 
-PolicyLookup = Callable[[str, float], ReportPolicy]
+PolicyLookup = Callable[[str, float, str], ReportPolicy]  # (policy domain, session time, MX host)
 Clock = Callable[[], datetime.datetime]
 
 
@@ -67,8 +71,11 @@ def policy_from_cache(cache: PolicyCache) -> PolicyLookup:
     """The policy in force for a domain at a time, as the daemon's cache knows it (module docstring).
     A policy fetched after the session stands in for the one before it, which the cache no longer has."""
 
-    def lookup(domain: str, when: float) -> ReportPolicy:
+    def lookup(domain: str, when: float, mx_host: str = "") -> ReportPolicy:
         entry = cache.get(domain)
+        tlsa = tlsa_policy(domain, entry.dane, mx_host, when) if entry is not None else None
+        if tlsa is not None:
+            return tlsa
         policy = None
         if entry is not None and entry.policy is not None:
             policy = entry.usable_policy(when)
@@ -84,6 +91,20 @@ def report_policy(domain: str, policy: Policy | None) -> ReportPolicy | None:
     if policy is None or policy.mode is Mode.NONE:  # RFC 8461 §5: none is no active policy
         return None
     return ReportPolicy(PolicyType.STS, domain, policy.lines, policy.mx)
+
+
+def tlsa_policy(domain: str, branch: DaneBranch | None, mx_host: str, when: float) -> ReportPolicy | None:
+    """RFC 8460 §4.4 `tlsa` policy of a session with `mx_host`: the DANE verdict (dane-only or dane)
+    held at `when` (a decision made after the session stands in for the one before it, as a later
+    policy fetch does), and the host had usable TLSA records (RFC 7672 §3.1); policy-string is those
+    records in presentation form, mx-host the host. None: DANE did not apply to that session."""
+    if branch is None or branch.verdict not in (Verdict.DANE_ONLY, Verdict.DANE) or when >= branch.expires_at:
+        return None
+    host = mx_host.lower().rstrip(".")
+    for state in branch.inputs.hosts:
+        if state.host == host and isinstance(state.tlsa, TlsaState) and state.tlsa.secure and state.tlsa.usable:
+            return ReportPolicy(PolicyType.TLSA, domain, tuple(str(record) for record in state.tlsa.usable), (host,))
+    return None
 
 
 class SourceAddresses:
@@ -277,7 +298,7 @@ class PostfixIngest:
         """Sessions (with the policy in force and their result), local events, unparsed lines."""
         for event in events:
             if isinstance(event, Session):
-                policy = self.policies(event.domain, event.when)
+                policy = self.policies(event.domain, event.when, event.mx_host)
                 result, reason = session_result(event, policy)
                 count = SessionCount(policy, result, self.sources(event.mx_ip), event.mx_host, event.mx_ip, reason, 1)
                 batch.sessions.append((utc_day(event.when), count))

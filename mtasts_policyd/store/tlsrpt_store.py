@@ -123,12 +123,14 @@ class Batch:
 @dataclass(frozen=True)
 class Totals:
     """Sums over all days: sessions by result ("success" or the result type), unparsed lines by
-    source, local events by kind, and reports built (distinct day and domain)."""
+    source, local events by kind, reports built (distinct day and domain), and report deliveries
+    (one per report and rua) by state: sent, pending (failed, retried later), given-up."""
 
     sessions: dict[str, int]
     unparsed: dict[str, int]
     local: dict[str, int]
     reports_built: int
+    deliveries: dict[str, int] = field(default_factory=dict)
 
 
 class TlsRptStore:
@@ -256,7 +258,8 @@ class TlsRptStore:
                                       "FROM sessions GROUP BY 1 ORDER BY 1").fetchall()),
                 dict(self._db.execute("SELECT source, SUM(lines) FROM unparsed GROUP BY 1 ORDER BY 1").fetchall()),
                 dict(self._db.execute("SELECT kind, SUM(count) FROM local_events GROUP BY 1 ORDER BY 1").fetchall()),
-                self._db.execute("SELECT COUNT(*) FROM built").fetchone()[0])
+                self._db.execute("SELECT COUNT(*) FROM built").fetchone()[0],
+                dict(self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY 1 ORDER BY 1").fetchall()))
         except sqlite3.Error as exc:
             raise TlsRptStoreError(f"cannot read TLSRPT store {self.path}: {exc}") from None
 
