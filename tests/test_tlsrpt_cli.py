@@ -56,8 +56,8 @@ def test_ingest_counts_once(setup, tmp_path):
     result = run("tlsrpt", "ingest", "--config", config, "--postfix-log", log)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        "ingest: 95 lines, 24 sessions (certificate-expired 1, certificate-host-mismatch 2, certificate-not-trusted 5, "
-        "starttls-not-supported 2, success 9, validation-failure 5), unparsed 0, local events (policy-map-error 1) "
+        "ingest: 95 lines, 24 sessions (certificate-expired 1, certificate-host-mismatch 2, certificate-not-trusted 4, "
+        "starttls-not-supported 2, success 9, validation-failure 6), unparsed 0, local events (policy-map-error 1) "
         f"file={log}\n")
     assert (tmp_path / "tlsrpt.sqlite3").exists()  # default: beside the cache
     again = run("tlsrpt", "ingest", "--config", config, "--postfix-log", log)

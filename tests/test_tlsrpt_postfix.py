@@ -42,7 +42,7 @@ EXPECTED = {
     "x-enforce-tls": [(V, None, "")],
     "x-enforce-wrong-cert": [(F, ResultType.CERTIFICATE_HOST_MISMATCH, "")],
     "x-enforce-expired": [(F, ResultType.CERTIFICATE_EXPIRED, "")],
-    "x-enforce-self-signed": [(F, ResultType.CERTIFICATE_NOT_TRUSTED, "self-signed certificate")],
+    "x-enforce-self-signed": [(F, ResultType.VALIDATION_FAILURE, "self-signed_certificate")],
     "x-enforce-no-starttls": [NOT_OFFERED],
     "x-enforce-starttls-refused": [NOT_OFFERED],
     "x-enforce-handshake-abort": [HANDSHAKE],
@@ -184,7 +184,9 @@ def test_a_session_left_open_by_a_dead_process_is_given_up():
     ("num=62:hostname mismatch", (ResultType.CERTIFICATE_HOST_MISMATCH, "")),
     ("certificate has expired", (ResultType.CERTIFICATE_EXPIRED, "")),
     ("untrusted issuer /O=Example CA", (ResultType.CERTIFICATE_NOT_TRUSTED, "untrusted issuer /O=Example CA")),
-    ("self-signed certificate", (ResultType.CERTIFICATE_NOT_TRUSTED, "self-signed certificate")),
+    # Postfix >= 3.10 reports a new session's self-signed certificate so (its TLSRPT_README, "TLSRPT
+    # Status logging": failure_type=validation_failure, failure_reason=self-signed_certificate).
+    ("self-signed certificate", (ResultType.VALIDATION_FAILURE, "self-signed_certificate")),
     ("num=20:unable to get local issuer certificate",
      (ResultType.CERTIFICATE_NOT_TRUSTED, "num=20:unable to get local issuer certificate")),
     ("certificate is not yet valid", (ResultType.VALIDATION_FAILURE, "certificate is not yet valid")),
@@ -223,3 +225,54 @@ def test_report_deliveries_of_the_tlsrpt_transport_are_not_counted():
 
     assert run(lines("postfix/tlsrpt/smtp")) == []
     assert [s.domain for s in run(lines("postfix/smtp")) if isinstance(s, Session)] == ["r.example"]
+
+
+def test_reused_tls_session_with_an_untrusted_certificate_is_certificate_not_trusted():
+    """Postfix (tls_client.c) logs no reason for a resumed TLS session whose certificate failed
+    before; Postfix >= 3.10 reports it as certificate_not_trusted (TLSRPT_README)."""
+    lines = [Q.format(1) + "mx.u.example[192.0.2.8]:25: re-using session with untrusted certificate, "
+             "look for details earlier in the log",
+             Q.format(1) + "Untrusted TLS connection established to mx.u.example[192.0.2.8]:25: TLSv1.3 with cipher X",
+             Q.format(2) + "DDDDDD4: Server certificate not verified",
+             Q.format(2) + "DDDDDD4: to=<a@u.example>, relay=mx.u.example[192.0.2.8]:25, delay=1, delays=0/0/0/1, "
+             "dsn=4.7.5, status=deferred (Server certificate not verified)"]
+    events = run(lines)
+    assert [(e.domain, e.evidence, e.result, e.reason) for e in events] == [
+        ("u.example", F, ResultType.CERTIFICATE_NOT_TRUSTED, "")]
+
+
+# Postfix >= 3.10 with smtp_tlsrpt_enable = yes logs its own verdict per TLS handshake (its
+# TLSRPT_README, "TLSRPT Status logging"); it is taken as the session's result, so a report built
+# from a 3.10 log says what Postfix's own reporter would.
+def test_postfix_310_tlsrpt_lines_are_the_sessions_result():
+    lines = [
+        # a failure Postfix 3.7 would have logged differently: 3.10's verdict wins
+        Q.format(1) + "certificate verification failed for mx.a.example[192.0.2.1]:25: self-signed certificate",
+        Q.format(1) + "TLSRPT: status=failure, domain=a.example, receiving_mx=mx.a.example[192.0.2.1], "
+        "failure_type=certificate_not_trusted, failure_reason=some_reason",
+        Q.format(1) + "Untrusted TLS connection established to mx.a.example[192.0.2.1]:25: TLSv1.3 with cipher X",
+        Q.format(2) + "AAAAAA1: Server certificate not verified",
+        # the next MX of the same delivery: success
+        Q.format(3) + "TLSRPT: status=success, domain=a.example, receiving_mx=mx2.a.example[192.0.2.2]",
+        Q.format(3) + "Verified TLS connection established to mx2.a.example[192.0.2.2]:25: TLSv1.3 with cipher X",
+        Q.format(4) + "AAAAAA1: to=<u@a.example>, relay=mx2.a.example[192.0.2.2]:25, delay=1, delays=0/0/0/1, "
+        "dsn=2.0.0, status=sent (250 ok)",
+        # STARTTLS not offered: one session, from the TLSRPT line, not two
+        Q.format(5) + "TLSRPT: status=failure, domain=b.example, receiving_mx=mx.b.example[192.0.2.3], "
+        "failure_type=starttls_not_supported",
+        Q.format(6) + "BBBBBB2: to=<u@b.example>, relay=mx.b.example[192.0.2.3]:25, delay=1, delays=0/0/0/1, "
+        "dsn=4.7.4, status=deferred (TLS is required, but was not offered by host mx.b.example[192.0.2.3])",
+    ]
+    events = run(lines)
+    assert [(e.domain, e.mx_host, e.mx_ip, e.evidence, e.result, e.reason) for e in events] == [
+        ("a.example", "mx.a.example", "192.0.2.1", F, ResultType.CERTIFICATE_NOT_TRUSTED, "some_reason"),
+        ("a.example", "mx2.a.example", "192.0.2.2", V, None, ""),
+        ("b.example", "mx.b.example", "192.0.2.3", F, ResultType.STARTTLS_NOT_SUPPORTED, ""),
+    ]
+
+
+def test_a_postfix_310_tlsrpt_line_with_an_unknown_failure_type_is_unparsed_not_guessed():
+    line = Q.format(1) + ("TLSRPT: status=failure, domain=c.example, receiving_mx=mx.c.example[192.0.2.4], "
+                          "failure_type=something_new")
+    events = run([line])
+    assert len(events) == 1 and isinstance(events[0], Unparsed)

@@ -20,7 +20,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mtasts_policyd.core.tlsrpt_mail import mailto_address, report_message
+from mtasts_policyd.core.tlsrpt_mail import SIGNED_HEADERS, mailto_address, report_message
 from mtasts_policyd.core.tlsrpt_report import (PolicyType, ReportIdentity, ReportPolicy, ResultType, SessionCount,
                                                build_report, filename)
 from mtasts_policyd.net.https import tls_context
@@ -76,6 +76,17 @@ def test_the_mail_has_the_shape_of_rfc8460_5_3():
     assert parts[0].get_filename() == filename("reporter.example", "rcpt.example", REPORT.day)
     assert json.loads(gzip.decompress(parts[0].get_content())) == REPORT.to_json()
     assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")  # CRLF throughout, as signed
+
+
+@pytest.mark.fast
+def test_the_mail_asks_not_to_enforce_tls_on_itself():
+    """RFC 8460 §3: report mail must not be held back by the TLS failures it reports. RFC 8689
+    §5: "TLS-Required: No" asks the sending MTA to relax its TLS policy; Postfix >= 3.10 honours it
+    (its TLSRPT_README), so no bypass transport is needed there. The header is signed (§5.3 DKIM)."""
+    msg = parse(report_message(REPORT, "rcpt.example", "reporter.example", "tlsrpt@reporter.example",
+                               "tls@rcpt.example", NOW))
+    assert msg["TLS-Required"] == "No"
+    assert "tls-required" in SIGNED_HEADERS
 
 
 @pytest.mark.fast

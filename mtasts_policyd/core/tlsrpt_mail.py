@@ -19,7 +19,7 @@ from mtasts_policyd.core.tlsrpt_report import Report, filename
 MEDIA_TYPE = "application/tlsrpt+gzip"  # RFC 8460 §5.2 / §6.4
 # The headers a DKIM signature covers (RFC 8460 §5.3 asks for a signature over the report mail).
 SIGNED_HEADERS = ("from", "to", "subject", "date", "message-id", "mime-version", "content-type",
-                  "tls-report-domain", "tls-report-submitter")
+                  "tls-report-domain", "tls-report-submitter", "tls-required")
 
 
 def mailto_address(uri: str) -> str:
@@ -46,6 +46,10 @@ def report_message(report: Report, policy_domain: str, submitter: str, sender: s
     msg["Message-ID"] = f"<{report.report_id}>"  # the report-id is shaped like one (tlsrpt_report.py)
     msg["TLS-Report-Domain"] = policy_domain  # RFC 8460 §5.3
     msg["TLS-Report-Submitter"] = submitter
+    # RFC 8460 §3: a report must not wait on the TLS failures it reports. RFC 8689 §5 asks the
+    # sending MTA to relax its TLS policy for this message (Postfix >= 3.10 honours it; older MTAs
+    # need contrib's bypass transport or router).
+    msg["TLS-Required"] = "No"
     msg.set_content(f"This is an aggregate TLS report (RFC 8460) from {submitter} for {policy_domain}, "
                     f"{report.day.isoformat()} (UTC).\n")
     maintype, subtype = MEDIA_TYPE.split("/")

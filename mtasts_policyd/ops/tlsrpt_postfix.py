@@ -22,9 +22,17 @@ and PID): a session's lines come first, then a line with the queue id ends it (a
 "Server certificate not verified" when Postfix goes on to the next MX, or the delivery status),
 and the status line's recipient domain names the policy domain for every session of that delivery.
 
-What is counted (README "TLSRPT (in progress)"): each TLS handshake, and each session where TLS was
-required but not offered or refused; the points where Postfix >= 3.10 reports itself, so numbers do
-not change on upgrade. A connection reused for another delivery (conn_use=2 and up) is no new
+What is counted (README "TLSRPT"): each TLS handshake, and each session where TLS was required
+but not offered or refused; the points where Postfix >= 3.10 reports itself, so numbers do not
+change on upgrade. Result types follow what Postfix >= 3.10 reports at those points, as far as
+its TLSRPT_README shows them (a new session's self-signed certificate is validation-failure with
+the reason "self-signed_certificate"; a resumed session with an untrusted certificate is
+certificate-not-trusted). Postfix >= 3.10 with smtp_tlsrpt_enable = yes also logs its own verdict,
+
+    TLSRPT: status=failure, domain=d, receiving_mx=mx.d[192.0.2.25], failure_type=validation_failure, failure_reason=...
+
+and that line, when present, is the session's result: a report built from such a log says what
+Postfix's own reporter would. A connection reused for another delivery (conn_use=2 and up) is no new
 session. A plaintext session where TLS was not required is no TLS session and is not counted. A
 deferral because our policy map was unreachable (`policy table lookup error`, then `relay=none ...
 client TLS configuration problem`) is our fault, not the receiver's: a local event, never reported.
@@ -70,6 +78,11 @@ _SSL_CONNECT = re.compile(rf"SSL_connect error to {_PEER}: (?P<reason>.*)")
 _MAP_ERROR = re.compile(r'warning: smtp_tls_policy_maps, next-hop destination "[^"]*": policy table lookup error')
 _STATUS = re.compile(r"(?P<qid>[0-9A-Za-z]{6,20}): to=<(?P<rcpt>[^>]*)>, (?:orig_to=<[^>]*>, )?relay=(?P<relay>[^,]+), "
                      r"(?:conn_use=(?P<conn_use>\d+), )?delay=.*?status=(?P<status>\w+) \((?P<reason>.*)\)")
+# Postfix >= 3.10 (smtp_tlsrpt_enable = yes): its own TLSRPT verdict for one handshake.
+_TLSRPT = re.compile(rf"(?:[0-9A-Za-z]{{6,20}}: )?TLSRPT: status=(?P<status>success|failure), domain=[^,\s]+, "
+                     rf"receiving_mx={_PEER}(?:, failure_type=(?P<type>[a-z_]+))?(?:, failure_reason=(?P<reason>.*))?")
+# tls_client.c: a resumed session whose certificate did not verify before (no reason is logged again).
+_REUSED_UNTRUSTED = re.compile(rf"{_PEER}: re-using session with untrusted (?:certificate|peer credential)")
 _NOTE = re.compile(r"(?P<qid>[0-9A-Za-z]{6,20}): (?P<note>.*)")
 _RELAY = re.compile(rf"{_PEER}")
 # Postfix 3.7 smtp_proto.c: TLS required by the policy, and the server does not do it.
@@ -171,6 +184,7 @@ class _Open:
     evidence: str
     result: str = ""
     reason: str = ""
+    reported: bool = False  # Postfix >= 3.10's TLSRPT line gave the verdict: later lines change nothing
 
 
 @dataclass
@@ -192,8 +206,12 @@ def verification_result(reason: str) -> tuple[ResultType, str]:
         return ResultType.CERTIFICATE_HOST_MISMATCH, ""
     if "certificate has expired" in text:
         return ResultType.CERTIFICATE_EXPIRED, ""
-    if any(words in text for words in ("untrusted issuer", "self-signed", "self signed", "local issuer",
-                                        "issuer certificate", "certificate chain")):
+    if text in ("self-signed certificate", "self signed certificate"):
+        # Postfix >= 3.10 (TLSRPT_README, "TLSRPT Status logging"): validation_failure with OpenSSL's
+        # error string, blanks made underscores, as the reason.
+        return ResultType.VALIDATION_FAILURE, "self-signed_certificate"
+    if any(words in text for words in ("untrusted issuer", "local issuer", "issuer certificate",
+                                        "certificate chain", "self-signed certificate in")):
         # §4.3.1: certificate-not-trusted SHOULD carry a failure-reason-code.
         return ResultType.CERTIFICATE_NOT_TRUSTED, reason[:200]
     return ResultType.VALIDATION_FAILURE, reason[:200]
@@ -250,6 +268,11 @@ class PostfixSessions:
         elif match := _VERIFY_FAILED.fullmatch(text):
             result, reason = verification_result(match["reason"])
             self._tls_line(process, line.when, match["host"], match["ip"], Evidence.FAILED, result, reason)
+        elif match := _TLSRPT.fullmatch(text):
+            yield from self._reported(process, line, match)
+        elif match := _REUSED_UNTRUSTED.match(text):
+            self._tls_line(process, line.when, match["host"], match["ip"], Evidence.FAILED,
+                           ResultType.CERTIFICATE_NOT_TRUSTED)
         elif match := _SSL_CONNECT.fullmatch(text):
             # The issue's mapping: a handshake that failed is validation-failure "tls-handshake-failure".
             self._tls_line(process, line.when, match["host"], match["ip"], Evidence.FAILED,
@@ -265,12 +288,30 @@ class PostfixSessions:
         else:
             yield Unparsed(line.when, f"{line.program}[{line.pid}]: {text}")
 
+    def _reported(self, process: _Process, line: LogLine, match: re.Match[str]) -> Iterator[Event]:
+        """Postfix >= 3.10's own verdict: it replaces what the other lines of the handshake say."""
+        if match["status"] == "success":
+            verdict: tuple[Evidence, ResultType | None, str] = (Evidence.VERIFIED, None, "")
+        else:
+            try:
+                result = ResultType((match["type"] or "").replace("_", "-"))
+            except ValueError:
+                yield Unparsed(line.when, f"{line.program}[{line.pid}]: {line.text}")
+                return
+            verdict = (Evidence.FAILED, result, (match["reason"] or "")[:200])
+        current = process.current
+        if current is not None and (current.host, current.ip) == (match["host"].lower(), match["ip"]):
+            process.current = None  # the same handshake: the verdict replaces it
+        self._tls_line(process, line.when, match["host"], match["ip"], *verdict)
+        assert process.current is not None
+        process.current.reported = True
+
     @staticmethod
     def _tls_line(process: _Process, when: float, host: str, ip: str, evidence: Evidence,
                   result: ResultType | None = None, reason: str = "") -> None:
         current = process.current
         if current is not None and (current.host, current.ip) == (host.lower(), ip):
-            if current.evidence == Evidence.FAILED:
+            if current.evidence == Evidence.FAILED or current.reported:
                 return  # "Untrusted TLS connection established" after the failure that made it so
         elif current is not None:
             process.done.append(current)  # a session that ended without a line of its own

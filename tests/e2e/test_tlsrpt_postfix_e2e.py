@@ -31,7 +31,7 @@ BEHAVIOURS = ("tls", "wrong-cert", "untrusted", "expired", "self-signed", "no-st
               "handshake-abort")
 # Per mode and behaviour: the result of each attempt (None: success; "-": no TLS session, not counted).
 ENFORCE = {"tls": None, "wrong-cert": "certificate-host-mismatch", "untrusted": "certificate-not-trusted",
-           "expired": "certificate-expired", "self-signed": "certificate-not-trusted",
+           "expired": "certificate-expired", "self-signed": "validation-failure",  # as Postfix >= 3.10
            "no-starttls": "starttls-not-supported", "starttls-refused": "starttls-not-supported",
            "handshake-abort": "validation-failure"}
 TESTING = {"tls": None, "wrong-cert": None, "untrusted": "certificate-not-trusted",
