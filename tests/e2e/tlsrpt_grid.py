@@ -160,15 +160,19 @@ def publish(world: World, grid: list[Cell], prefix: str, directory: Path) -> Pat
     return key_file
 
 
-def write_config(world: World, directory: Path, key_file: Path, sendmail: str) -> Path:
+def write_config(world: World, directory: Path, key_file: Path | None = None, sendmail: str | None = None) -> Path:
     """The operator's configuration for the `tlsrpt` commands: the world's resolver, the daemon's
     cache, a counts store of this run, the sender, the MTA's sendmail and the DKIM key."""
+    tlsrpt: dict[str, Any] = {"store": str(directory / "counts.sqlite3"), "sender": SENDER}
+    if sendmail is not None:
+        tlsrpt["sendmail"] = sendmail
+    if key_file is not None:
+        tlsrpt["dkim"] = {"domain": SUBMITTER, "selector": "tlsrpt", "key_file": str(key_file)}
     path = directory / "tlsrpt.yaml"
     path.write_text(yaml.safe_dump({
         "dns": {"nameservers": ["127.0.0.1"], "timeout": 3},
         "cache": {"path": str(world.directory / "policyd" / "cache.sqlite3")},
-        "tlsrpt": {"store": str(directory / "counts.sqlite3"), "sender": SENDER, "sendmail": sendmail,
-                   "dkim": {"domain": SUBMITTER, "selector": "tlsrpt", "key_file": str(key_file)}},
+        "tlsrpt": tlsrpt,
     }))
     return path
 
