@@ -18,7 +18,6 @@ import uuid
 import pytest
 
 from tests.e2e.postfix_mta import PostfixInstance
-from tests.e2e.test_tlsrpt_postfix_e2e import settle
 from tests.e2e.tlsrpt_grid import RUA_HOST, RUA_PATH, SENDING_IP, Commands, days, write_config
 from tests.e2e.world import OTHER_KEY, Mx, Scenario, World, spki_sha256, temp_dir
 
@@ -48,7 +47,7 @@ def dane_reports(world: World, policyd):
         rcpts = {scenario.domain: f"u{uuid.uuid4().hex[:8]}@{scenario.domain}" for scenario in CASES}
         for rcpt in rcpts.values():
             postfix.send(rcpt, uuid.uuid4().hex)
-        assert settle(postfix, list(rcpts.values())), postfix.log()[-4000:]
+        assert postfix.settle(list(rcpts.values()), timeout=60), postfix.log()[-4000:]
         attempts = {domain: len(postfix.statuses(rcpt)) for domain, rcpt in rcpts.items()}
     finally:
         postfix.stop()

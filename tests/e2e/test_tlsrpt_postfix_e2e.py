@@ -69,24 +69,6 @@ def contrib_postfix() -> tuple[dict[str, str], str]:
     return main, (ROOT / "contrib" / "postfix" / "tlsrpt-master.cf").read_text()
 
 
-def settle(postfix: PostfixInstance, rcpts: list[str]) -> bool:
-    """Every message sent, or deleted at its first deferral (one attempt per failure, as far as we
-    are quick enough: the count is what Postfix logged, whatever it is)."""
-    deleted: set[str] = set()
-
-    def settled() -> bool:
-        done = True
-        for rcpt in rcpts:
-            status = postfix.status_of(rcpt)
-            if status is None:
-                done = False
-            elif status.status == "deferred" and rcpt not in deleted:
-                postfix.delete_queued(rcpt)
-                deleted.add(rcpt)
-        return done and not postfix.queue()
-    return wait_until(settled, timeout=TIMEOUT, interval=0.2)
-
-
 @pytest.fixture(scope="module")
 def grid(world: World, policyd):
     """The grid delivered, reported and sent; then ordinary mail to the rua domain; and one message
@@ -103,7 +85,7 @@ def grid(world: World, policyd):
         for rcpt in rcpts.values():
             postfix.send(rcpt, uuid.uuid4().hex)
         no_map.send(f"m@{FALLBACK.domain}", uuid.uuid4().hex)
-        assert settle(postfix, list(rcpts.values())), postfix.log()[-4000:]
+        assert postfix.settle(list(rcpts.values()), TIMEOUT), postfix.log()[-4000:]
         assert wait_until(lambda: no_map.status_of(f"m@{FALLBACK.domain}") is not None, timeout=TIMEOUT)
         attempts = {}
         for cell in domains:
