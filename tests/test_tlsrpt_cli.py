@@ -163,7 +163,7 @@ def test_missing_files_are_errors_not_empty_results(rig, tmp_path):
     result = run("tlsrpt", "ingest", "--config", config, "--postfix-log", str(tmp_path / "missing.log"))
     assert result.returncode == 1 and "cannot read" in result.stderr
     assert not (tmp_path / "tlsrpt.sqlite3").exists()
-    assert run("tlsrpt", "show", "--config", config, "--day", "yesterday").returncode == 2
+    assert run("tlsrpt", "show", "--config", config, "--day", "tomorrow").returncode == 2  # not a day
 
 
 @pytest.mark.fast

@@ -191,6 +191,9 @@ def test_a_session_left_open_by_a_dead_process_is_given_up():
      (ResultType.CERTIFICATE_NOT_TRUSTED, "num=20:unable to get local issuer certificate")),
     ("certificate is not yet valid", (ResultType.VALIDATION_FAILURE, "certificate is not yet valid")),
     ("num=24:invalid CA certificate", (ResultType.VALIDATION_FAILURE, "num=24:invalid CA certificate")),
+    # RFC 8460 §4.3.2.1 tlsa-invalid: a DANE host whose TLSA records match none of its certificates
+    # (Postfix 3.7, level dane/dane-only: tests/e2e/test_tlsrpt_dane_e2e.py).
+    ("num=65:no matching DANE TLSA records", (ResultType.TLSA_INVALID, "num=65:no matching DANE TLSA records")),
 ])
 def test_verification_failures_map_to_rfc_8460_result_types(reason, expected):
     # RFC 8460 §4.3.1; the table: other verification errors are validation-failure with the reason.

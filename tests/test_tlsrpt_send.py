@@ -1,6 +1,6 @@
 """`tlsrpt send` (RFC 8460 §5): the §5.3 mail and its DKIM signature, https POSTs to a real HTTPS
 endpoint (the rig's server, test CA), once per rua, retried with back-off for a day, and `--dry-run`.
-Postfix carrying the mail to an MX is tests/e2e/test_tlsrpt_send_e2e.py."""
+Postfix and Exim carrying the mail to an MX are tests/e2e/tlsrpt_grid.py's."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -52,20 +53,35 @@ examples:
   mtasts-policyd tlsrpt ingest --exim-log /var/log/exim4/mainlog
   mtasts-policyd tlsrpt build --day 2025-11-30 --output /var/lib/mtasts-policyd/reports
   mtasts-policyd tlsrpt send --day 2025-11-30 --dry-run
+  mtasts-policyd tlsrpt send --day yesterday      (hourly: sends what is due, retries the rest)
   mtasts-policyd tlsrpt show --day 2025-11-30 --domain example.com
 """
+
+
+DAY_HELP = ("the UTC day: YYYY-MM-DD, or today, yesterday, today-N (N days before today, UTC); a timer "
+            "sends --day yesterday")
 
 
 class TlsRptCommandError(Exception):
     """One line on stderr, exit status 1."""
 
 
-def day(text: str) -> datetime.date:
-    """argparse type for --day: an ISO date, the UTC day of the report."""
+_RELATIVE_DAY = re.compile(r"today(?:-(?P<back>\d{1,3}))?|(?P<yesterday>yesterday)")
+
+
+def day(text: str, now: datetime.datetime | None = None) -> datetime.date:
+    """argparse type for --day: an ISO date, or `today`, `yesterday`, `today-N` (N days before
+    today), all UTC days (RFC 8460 §4.4: a report's date-range is in UTC), so that a timer can name
+    the day that just ended (contrib/systemd/mtasts-policyd-tlsrpt-send.service)."""
+    relative = _RELATIVE_DAY.fullmatch(text)
+    if relative:
+        back = 1 if relative["yesterday"] else int(relative["back"] or 0)
+        today = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC).date()
+        return today - datetime.timedelta(days=back)
     try:
         return datetime.date.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD, today, yesterday, today-N): {text!r}") from None
 
 
 def register(sub: Any) -> None:
@@ -107,14 +123,14 @@ def register(sub: Any) -> None:
     p = action("show", show_command, "print the counts of a day",
                "Print the sessions counted on DAY per policy domain and policy: successes, failures by result "
                "type, MX host and reason; then lines not understood and local events (never reported).")
-    p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
+    p.add_argument("--day", type=day, required=True, metavar="DAY", help=DAY_HELP)
     p.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
     p.add_argument("--json", action="store_true", help="one JSON document (policies as in a report)")
 
 
 def _day_and_output(p: argparse.ArgumentParser) -> None:
     """--day and --output, as `build` and `send` both take them."""
-    p.add_argument("--day", type=day, required=True, metavar="YYYY-MM-DD", help="the UTC day")
+    p.add_argument("--day", type=day, required=True, metavar="DAY", help=DAY_HELP)
     p.add_argument("--output", metavar="DIR", help="directory for the report files (default: reports/ beside "
                                                     "the store)")
 

@@ -7,6 +7,7 @@ Postfix against MX hosts with each TLS defect and checks this parser against its
     Verified TLS connection established to mx.d[192.0.2.25]:25: TLSv1.3 ...        (secure: success)
     server certificate verification failed for mx.d[192.0.2.25]:25: num=62:hostname mismatch
     server certificate verification failed for mx.d[192.0.2.25]:25: certificate has expired
+    server certificate verification failed for mx.d[192.0.2.25]:25: num=65:no matching DANE TLSA records
     certificate verification failed for mx.d[192.0.2.25]:25: untrusted issuer /O=...
     certificate verification failed for mx.d[192.0.2.25]:25: self-signed certificate
     Untrusted TLS connection established to mx.d[...]:25: ...  (after a failure, or alone at "may")
@@ -202,6 +203,9 @@ def verification_result(reason: str) -> tuple[ResultType, str]:
     """RFC 8460 §4.3.1 result type and failure-reason-code of a Postfix verification failure (the
     text after "verification failed for host[ip]:port: ", from OpenSSL's X509 error strings)."""
     text = reason.lower()
+    if "no matching dane tlsa records" in text:
+        # RFC 8460 §4.3.2.1: the host's TLSA records (DANE) match none of its certificates.
+        return ResultType.TLSA_INVALID, reason[:200]
     if "hostname mismatch" in text or "name mismatch" in text:
         return ResultType.CERTIFICATE_HOST_MISMATCH, ""
     if "certificate has expired" in text:

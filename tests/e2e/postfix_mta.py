@@ -286,6 +286,23 @@ class PostfixInstance:
             if any(r.get("address") == rcpt for r in entry.get("recipients", [])):
                 self._run([POSTSUPER, "-c", str(self.config_dir), "-d", entry["queue_id"]], check=False)
 
+    def settle(self, rcpts: list[str], timeout: float) -> bool:
+        """Every message to `rcpts` sent, or deleted at its first deferral (one attempt per failure,
+        as far as we are quick enough: count what the log says, `statuses`), the queue empty."""
+        deleted: set[str] = set()
+
+        def settled() -> bool:
+            done = True
+            for rcpt in rcpts:
+                status = self.status_of(rcpt)
+                if status is None:
+                    done = False
+                elif status.status == "deferred" and rcpt not in deleted:
+                    self.delete_queued(rcpt)
+                    deleted.add(rcpt)
+            return done and not self.queue()
+        return wait_until(settled, timeout=timeout, interval=0.2)
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
