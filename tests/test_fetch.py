@@ -101,6 +101,38 @@ def test_next_address_is_tried_when_one_refuses(rig, fetcher: PolicyFetcher) -> 
     assert rig.https.count(domain) == 4
 
 
+def test_ipv6_is_not_asked_when_an_ipv4_address_answers(rig, fetcher: PolicyFetcher) -> None:
+    """RFC 8461 §3.3: the policy host is reached at an address of mta-sts.<domain>; IPv4 comes
+    first, so when an A address serves the policy the AAAA question is never needed (one DNS
+    query fewer per cold domain)."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    rig.dns.set(f"mta-sts.{domain}", "AAAA", "::1")
+
+    assert fetcher.fetch(domain) == ENFORCE_ONE_MX.format(d=domain).encode()
+    assert rig.dns.count(f"mta-sts.{domain}", "AAAA") == 0
+
+
+@pytest.mark.parametrize("ipv4", [None, "127.0.0.2"])
+def test_ipv6_is_asked_when_ipv4_gives_no_working_address(rig, fetcher: PolicyFetcher, ipv4: str | None) -> None:
+    """RFC 8461 §3.3: with no A record, or an A address where nothing listens, the AAAA addresses
+    are asked for and tried (here ::1, where nothing listens on the rig's port either: the fetch
+    fails, after both families were tried, as a fetch error and not "does not resolve")."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    rig.dns.remove(f"mta-sts.{domain}", "A")
+    if ipv4 is not None:
+        rig.dns.set(f"mta-sts.{domain}", "A", ipv4)
+    rig.dns.set(f"mta-sts.{domain}", "AAAA", "::1")
+
+    error = expect_fetch_error(fetcher, domain)
+
+    assert "does not resolve" not in error.detail
+    assert rig.dns.count(f"mta-sts.{domain}", "A") == 1
+    assert rig.dns.count(f"mta-sts.{domain}", "AAAA") == 1
+    assert rig.https.count(domain) == 0
+
+
 # ----- HTTP answers that are not a policy: RFC 8461 §3.3 -------------------------------------
 
 

@@ -16,12 +16,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtasts_policyd.core.errors import CertificateInvalid, FetchError, MtaStsError
+from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, MtaStsError
 from mtasts_policyd.core.limits import limits
 from mtasts_policyd.net.base import Discovery
 from mtasts_policyd.net.trust import TrustStore, trust_store
 
 WELL_KNOWN = "/.well-known/mta-sts.txt"
+ADDRESS_FAMILIES = ("A", "AAAA")  # IPv4 first; IPv6 asked only when IPv4 gives no working address
 
 
 def readable_file(path: str) -> None:
@@ -127,20 +128,31 @@ class PolicyFetcher:
         self._context = tls_context(self.trust)
 
     def fetch(self, domain: str) -> bytes:
-        """The raw policy body of `domain`, or a FetchError / CertificateInvalid."""
+        """The raw policy body of `domain`, or a FetchError / CertificateInvalid.
+
+        RFC 8461 §3.3 names a host, mta-sts.<domain>: its IPv4 addresses are tried first, and its
+        IPv6 addresses are asked for only when IPv4 gave none that accepts a connection (no A
+        record, a failed A lookup, or every address refusing). The same addresses in the same
+        order as asking for both at once, one DNS query fewer for nearly every fetch.
+        """
         host = f"mta-sts.{domain}"
-        try:
-            addresses = self._discovery.addresses(host)
-        except MtaStsError as exc:
-            raise FetchError(f"policy host {host} does not resolve: {exc.detail}") from None
-        last: FetchError | None = None
-        for address in addresses:
+        unresolved: MtaStsError | None = None
+        refused: FetchError | None = None
+        for family in ADDRESS_FAMILIES:
             try:
-                return self._get(host, address)
-            except _ConnectFailed as exc:  # the next address may work; anything else is the answer
-                last = exc
-        assert last is not None
-        raise last
+                addresses = self._discovery.addresses(host, (family,))
+            except MtaStsError as exc:  # "could not ask" outweighs "has no such record"
+                unresolved = unresolved if isinstance(unresolved, DnsTemporaryFailure) else exc
+                continue
+            for address in addresses:
+                try:
+                    return self._get(host, address)
+                except _ConnectFailed as exc:  # the next address may work; anything else is the answer
+                    refused = exc
+        if refused is not None:
+            raise refused
+        assert unresolved is not None
+        raise FetchError(f"policy host {host} does not resolve: {unresolved.detail}")
 
     def _get(self, host: str, address: str) -> bytes:
         s = self._settings
