@@ -688,7 +688,7 @@ class Driver:
             for name, (child, port) in daemons.items():
                 results[name]["warmup"] = self.warm_up(name, port)
             order = list(daemons)
-            for label, domains, expect, conns in self.rows():
+            for label, domains, expect, conns in ([] if a.cold_only else self.rows()):
                 for rep in range(a.repeat):
                     for name in order if rep % 2 == 0 else order[::-1]:
                         child, port = daemons[name]
@@ -706,9 +706,10 @@ class Driver:
                 mix, expect = self.mix()
                 policy = self.sets["policy"]
                 cold = self.sets["cold-profile"]
-                results["ours"]["profile"] = self.profile_ours(child, port, mix, expect, once=False, tag="mix")
-                results["ours"]["profile_policy"] = self.profile_ours(child, port, policy, [True] * len(policy),
-                                                                      once=False, tag="policy")
+                if not a.cold_only:
+                    results["ours"]["profile"] = self.profile_ours(child, port, mix, expect, once=False, tag="mix")
+                    results["ours"]["profile_policy"] = self.profile_ours(child, port, policy, [True] * len(policy),
+                                                                          once=False, tag="policy")
                 results["ours"]["profile_cold"] = self.profile_ours(child, port, cold, [True] * len(cold),
                                                                     once=True, tag="cold")
         finally:
@@ -1012,6 +1013,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", choices=["defaults", "tuned", "both"], default="both",
                    help="configure both daemons at their defaults, tuned, or run both profiles (default)")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_VENV, help="venv holding the peer (created if missing)")
+    p.add_argument("--cold-only", action="store_true",
+                   help="measure the cold bursts only (after the warm-up), not the cached rows: a quick look at the cold path")
     p.add_argument("--profile", action="store_true",
                    help="also sample our daemon with py-spy during an extra 64-connection row (installs py-spy "
                         "into the peer venv)")

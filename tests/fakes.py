@@ -121,10 +121,10 @@ class FakeDiscovery(_Faults):
         pairs = sorted((int(p), h) for p, h in (str(v).split() for v in values))
         return [host if host == "." else host.lower().rstrip(".") for _, host in pairs], ttl
 
-    def addresses(self, host: str) -> list[str]:
+    def addresses(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
         found: list[str] = []
         failure: Exception | None = None
-        for rdtype in ("A", "AAAA"):
+        for rdtype in families:
             try:
                 found += [str(v) for v in self._query(host, rdtype)[0]]
             except (NoRecord, DnsTemporaryFailure) as exc:

@@ -9,6 +9,7 @@ asserting on elapsed time.
 from __future__ import annotations
 
 import gzip
+import zlib
 
 import pytest
 
@@ -100,6 +101,38 @@ def test_next_address_is_tried_when_one_refuses(rig, fetcher: PolicyFetcher) -> 
     assert rig.https.count(domain) == 4
 
 
+def test_ipv6_is_not_asked_when_an_ipv4_address_answers(rig, fetcher: PolicyFetcher) -> None:
+    """RFC 8461 §3.3: the policy host is reached at an address of mta-sts.<domain>; IPv4 comes
+    first, so when an A address serves the policy the AAAA question is never needed (one DNS
+    query fewer per cold domain)."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    rig.dns.set(f"mta-sts.{domain}", "AAAA", "::1")
+
+    assert fetcher.fetch(domain) == ENFORCE_ONE_MX.format(d=domain).encode()
+    assert rig.dns.count(f"mta-sts.{domain}", "AAAA") == 0
+
+
+@pytest.mark.parametrize("ipv4", [None, "127.0.0.2"])
+def test_ipv6_is_asked_when_ipv4_gives_no_working_address(rig, fetcher: PolicyFetcher, ipv4: str | None) -> None:
+    """RFC 8461 §3.3: with no A record, or an A address where nothing listens, the AAAA addresses
+    are asked for and tried (here ::1, where nothing listens on the rig's port either: the fetch
+    fails, after both families were tried, as a fetch error and not "does not resolve")."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    rig.dns.remove(f"mta-sts.{domain}", "A")
+    if ipv4 is not None:
+        rig.dns.set(f"mta-sts.{domain}", "A", ipv4)
+    rig.dns.set(f"mta-sts.{domain}", "AAAA", "::1")
+
+    error = expect_fetch_error(fetcher, domain)
+
+    assert "does not resolve" not in error.detail
+    assert rig.dns.count(f"mta-sts.{domain}", "A") == 1
+    assert rig.dns.count(f"mta-sts.{domain}", "AAAA") == 1
+    assert rig.https.count(domain) == 0
+
+
 # ----- HTTP answers that are not a policy: RFC 8461 §3.3 -------------------------------------
 
 
@@ -171,6 +204,70 @@ def test_limit_applies_to_the_decoded_body(rig, fetcher: PolicyFetcher) -> None:
     error = expect_fetch_error(fetcher, domain)
 
     assert "larger than 65536" in error.detail
+
+
+def test_gzip_and_deflate_bodies_are_decoded(rig, fetcher: PolicyFetcher) -> None:
+    """RFC 8461 §3.3 asks for the policy; a server that compresses it anyway (Content-Encoding
+    gzip, or deflate, which RFC 9110 §8.4.1.2 defines as the zlib format) gives the same policy."""
+    for encoding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress)):
+        domain = rig.domain()
+        rig.publish(domain, ENFORCE_ONE_MX)
+        body = ENFORCE_ONE_MX.format(d=domain).encode()
+        rig.https.set_policy(domain, compress(body), headers={"Content-Encoding": encoding})
+
+        assert fetcher.fetch(domain) == body
+
+
+@pytest.mark.parametrize("encoding", ["br", "compress"])
+def test_body_in_an_unknown_encoding_is_fetch_error(rig, fetcher: PolicyFetcher, encoding: str) -> None:
+    """RFC 8461 §3.2: the policy is text; bytes in an encoding we cannot undo are not a policy,
+    and are refused as a fetch error rather than handed to the parser."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX, headers={"Content-Encoding": encoding})
+
+    error = expect_fetch_error(fetcher, domain)
+
+    assert encoding in error.detail
+
+
+def test_truncated_gzip_body_is_fetch_error(rig, fetcher: PolicyFetcher) -> None:
+    """RFC 8461 §3.3: only a complete answer is a policy; a gzip stream cut short (a complete HTTP
+    answer, but its content ends early) is refused, not parsed as whatever inflated so far."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    whole = gzip.compress(ENFORCE_ONE_MX.format(d=domain).encode())
+    rig.https.set_policy(domain, whole[: len(whole) // 2], headers={"Content-Encoding": "gzip"})
+
+    error = expect_fetch_error(fetcher, domain)
+
+    assert "truncated" in error.detail
+
+
+def test_chunked_body_is_returned_whole(rig, fetcher: PolicyFetcher) -> None:
+    """RFC 8461 §3.3 over HTTP/1.1 (RFC 9112 §7.1): a policy sent in chunks is the concatenation
+    of the chunks; the framing never leaks into the policy."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    body = ENFORCE_ONE_MX.format(d=domain).encode()
+    pieces = [body[:7], body[7:20], body[20:]]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    rig.https.set_policy(domain, framed, headers={"Transfer-Encoding": "chunked"})
+
+    assert fetcher.fetch(domain) == body
+
+
+def test_host_header_names_the_policy_host(rig, fetcher: PolicyFetcher) -> None:
+    """RFC 8461 §3.3: the GET is for https://mta-sts.<domain>/...; a server that picks its
+    virtual host by the Host header (no SNI routing) must be told that name, not the address we
+    connected to. The rig falls back to the Host header only when there is no SNI, so this looks
+    at what it received."""
+    domain = rig.domain()
+    rig.publish(domain, ENFORCE_ONE_MX)
+    host = f"mta-sts.{domain}:{rig.https.port}"
+
+    fetcher.fetch(domain)
+
+    assert host in rig.https.host_headers
 
 
 @pytest.mark.timeout(6)

@@ -79,8 +79,9 @@ class Discovery(Protocol):
         RFC 5321 §5.1 and RFC 7505)."""
         ...
 
-    def addresses(self, host: str) -> list[str]:
-        """IPv4 then IPv6 addresses of `host`; NoRecord if it has neither."""
+    def addresses(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
+        """IPv4 then IPv6 addresses of `host` (`families`: the record types to ask, in order);
+        NoRecord if it has none of them."""
         ...
 
 

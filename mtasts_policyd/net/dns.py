@@ -153,11 +153,12 @@ class DnsDiscovery:
         """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
         return tlsrpt_answer(*self._txt(f"_smtp._tls.{domain}."))
 
-    def addresses(self, host: str) -> list[str]:
-        """IPv4 then IPv6 addresses of `host`; NoRecord if it has neither."""
+    def addresses(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
+        """IPv4 then IPv6 addresses of `host` (`families`: the record types to ask, in order);
+        NoRecord if it has none of them."""
         found: list[str] = []
         failure: MtaStsError | None = None
-        for rdtype in ("A", "AAAA"):
+        for rdtype in families:
             try:
                 found.extend(rdata.address for rdata in self._query(f"{host}.", rdtype))
             except MtaStsError as exc:

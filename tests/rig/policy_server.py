@@ -97,6 +97,7 @@ class PolicyServer(BoundedServer):
         self.ca_file = str(Path(tmpdir) / "ca.pem")
         self.ca.cert_pem.write_to_path(self.ca_file)
         self.requests: list[tuple[str, str]] = []
+        self.host_headers: list[str] = []  # the Host header of every GET, as sent
         self._policies: dict[str, Policy] = {}
         # TLSRPT https rua endpoints (RFC 8460 §5.4): every POST, and the statuses to answer per URL.
         self.posts: list[Post] = []
@@ -312,6 +313,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rig = self.server.rig
         host = getattr(self.connection, "sni_name", None) or self._host_header()
         rig._record(host, self.path)
+        with rig._lock:
+            rig.host_headers.append(self.headers.get("Host", ""))
         policy = rig._policy_for(host) if urlsplit(self.path).path == POLICY_PATH else None
         policy = policy or NOT_FOUND
         self.close_connection = True
