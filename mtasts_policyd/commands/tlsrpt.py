@@ -1,4 +1,4 @@
-"""`mtasts-policyd tlsrpt ingest|build|send|show`: RFC 8460 reports from the MTA's log (in progress).
+"""`mtasts-policyd tlsrpt ingest|build|send|show`: RFC 8460 reports from the MTA's log.
 
 Here: the options, the stores opened from the configuration (the daemon's cache for the policy in
 force, `tlsrpt.store` for the counts), the output lines and the exit status (README "TLSRPT (in
@@ -86,7 +86,7 @@ def day(text: str, now: datetime.datetime | None = None) -> datetime.date:
 
 def register(sub: Any) -> None:
     """Add `tlsrpt` to the command line (main.COMMANDS)."""
-    action = command_with_actions(sub, "tlsrpt", "TLSRPT reports from the MTA's log (in progress)",
+    action = command_with_actions(sub, "tlsrpt", "TLSRPT reports from the MTA's log",
                                   DESCRIPTION, EPILOG)
 
     p = action("ingest", ingest_command, "count the TLS sessions of a Postfix or Exim log, or the journal",

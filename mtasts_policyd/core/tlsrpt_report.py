@@ -8,7 +8,7 @@ order, sorted policies and failure details), the gzip (§5.2) with no time stamp
 report-id that depends only on who reports what for which day, and the file name of §5.1 (used as
 the attachment name of §5.3).
 
-Choices where the RFC leaves room (README "TLSRPT (in progress)"):
+Choices where the RFC leaves room (README "TLSRPT"):
 - date-range: one UTC day, "YYYY-MM-DDT00:00:00Z" to "YYYY-MM-DDT23:59:59Z", as in the RFC's own
   example (Appendix B); the file name's timestamps are the same two instants.
 - report-id: "<YYYYMMDD>.<policy-domain>@<submitter>": unique per reporter, policy domain and day,

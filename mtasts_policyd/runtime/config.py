@@ -136,7 +136,7 @@ class TlsRptDkimConfig:
 
 @dataclass(frozen=True)
 class TlsRptConfig:
-    """tlsrpt: - RFC 8460 reports from the MTA's log (README "TLSRPT (in progress)")."""
+    """tlsrpt: - RFC 8460 reports from the MTA's log (README "TLSRPT")."""
 
     # None: tlsrpt.sqlite3 beside the cache file
     store: str | None = field(default=None, metadata=limits(min=1))
