@@ -66,12 +66,13 @@ return 0
 """
 
 
-def client(url: str, timeout: float) -> redis.Redis:
+def client(url: str, timeout: float, name: str = "mtasts-policyd") -> redis.Redis:
     """A client with no hidden retries and `timeout` on connecting and on every reply
-    (`rediss://` for TLS, `redis://user:password@host` for an ACL user: redis-py reads the URL)."""
+    (`rediss://` for TLS, `redis://user:password@host` for an ACL user: redis-py reads the URL);
+    `name`: what CLIENT LIST shows for its connections."""
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                 retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-                                client_name="mtasts-policyd")
+                                client_name=name)
 
 
 class RedisLevel:
@@ -85,8 +86,9 @@ class RedisLevel:
         self.hmac_key = hmac_key
         self.node = node or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.timeout = timeout
-        self._read = client(read_url or url, timeout)
-        self._write = None if read_only else client(url, timeout)
+        name = f"mtasts-policyd/{self.node}"
+        self._read = client(read_url or url, timeout, name)
+        self._write = None if read_only else client(url, timeout, name)
         self._write_script = self._write.register_script(_WRITE) if self._write is not None else None
         self._release_script = self._write.register_script(_RELEASE) if self._write is not None else None
         self._tokens: dict[str, str] = {}  # domain -> the token of the lock this node holds
