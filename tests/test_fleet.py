@@ -13,11 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
+from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.redis import BREAK, RedisLevel
 from mtasts_policyd.store.shared import encode
 from tests.bodies import ENFORCE, ENFORCE_ONE_MX, NONE
-from tests.conftest import Daemon, SocketmapClient, free_port, secure
+from tests.conftest import Daemon, SocketmapClient, free_port, run_cli, secure
 from tests.rig.redis_server import RedisServer
 from tests.test_fleet_fast import policy_entry
 from tests.test_metrics import get, scrape
@@ -296,3 +298,37 @@ def test_stale_write_is_refused(redis_server):
         assert level.put(policy_entry("stale.test", ENFORCE, now + 1, pid="3"), now + 300)
     finally:
         level.close()
+
+
+def test_cache_tools_and_warm_on_the_shared_cache(rig, start_daemon, tmp_path, redis_server):
+    """`cache list/show` read the shared cache; `forget` removes a domain for the whole fleet (every
+    node drops its copy and fetches again); `warm` finds the fleet's due domains in the index and
+    takes what another node fetched instead of fetching it again."""
+    url = {"url": redis_server.url}
+    one, _ = node(start_daemon, tmp_path, "one", url)
+    two, _ = node(start_daemon, tmp_path, "two", url)
+    domain, gone = rig.domain("tools"), rig.domain("tools")
+    for name in (domain, gone):
+        rig.publish(name)
+        assert ask(one, name) == "OK " + secure(name)
+        assert ask(two, name) == "OK " + secure(name)
+    assert rig.https.count(domain) == rig.https.count(gone) == 1
+    # warm on a third cache that has never seen either domain: both are due within hours (TXT TTL)
+    warmer = str(tmp_path / "warmer.yaml")
+    Path(warmer).write_text(yaml.safe_dump(rig.config(tmp_path / "warmer.sqlite3", cache={"redis": url})))
+    PolicyCache(str(tmp_path / "warmer.sqlite3")).close()  # as after the daemon's first start
+    run = run_cli("warm", "--config", warmer, "-v", "--jitter", "0")
+    assert f"warm domain={domain} outcome=unchanged" in run.stdout, run.stdout + run.stderr
+    assert rig.https.count(domain) == 1
+    listed = run_cli("cache", "list", "--config", str(one.config_path), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {domain, gone} <= {json.loads(line)["domain"] for line in listed.stdout.splitlines()}
+    assert "the shared cache at" in listed.stderr
+    shown = run_cli("cache", "show", "--config", str(one.config_path), domain)
+    assert shown.returncode == 0 and "mode: enforce" in shown.stdout, shown.stdout + shown.stderr
+    forgot = run_cli("cache", "forget", "--config", str(one.config_path), gone)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "for the whole fleet" in forgot.stdout
+    assert not redis_server.client().exists(f"{PREFIX}d:{gone}")
+    # The other node dropped its copy too: its next lookup fetches again (once, for the fleet).
+    assert eventually(lambda: ask(two, gone) == "OK " + secure(gone) and rig.https.count(gone) == 2)

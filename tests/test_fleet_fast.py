@@ -217,3 +217,42 @@ def test_waiter_fetches_itself_after_the_deadline(fake_net, fleet_of, clock):
             return await node.before_network("a.test", pool, loop.time() + 0.2)
     assert asyncio.run(run()) is None
     assert node.counts["lock_waits"] == 1
+
+
+# ----- configuration ---------------------------------------------------------------------------------
+
+
+def test_redis_config_defaults_and_serve_flag():
+    from mtasts_policyd.commands.common import configure
+    from mtasts_policyd.commands.main import make_parser
+    from mtasts_policyd.runtime.config import Config
+    assert Config().cache.redis is None  # a node alone by default
+    config = configure(make_parser().parse_args(["serve", "--redis", "redis://fleet:pw@127.0.0.1:6380/2"]))
+    redis = config.cache.redis
+    assert redis is not None and redis.url == "redis://fleet:pw@127.0.0.1:6380/2"
+    assert (redis.read_only, redis.prefix, redis.timeout, redis.hmac_key) == (False, "mtasts:v1:", 0.2, None)
+
+
+@pytest.mark.parametrize("redis, error", [
+    ({}, "cache.redis.url: must not be empty"),
+    ({"url": "http://127.0.0.1:6379"}, "cache.redis.url: expected a URL"),
+    ({"url": "redis://127.0.0.1:6379", "read_url": "127.0.0.1"}, "cache.redis.read_url: expected a URL"),
+    ({"url": "redis://127.0.0.1:6379", "timeout": 0}, "cache.redis.timeout: must be at least"),
+    ({"url": "redis://127.0.0.1:6379", "hmac_key": "short"}, "cache.redis.hmac_key: must be at least 16"),
+    ({"url": "redis://127.0.0.1:6379", "hmac_key_file": "/nonexistent/key"}, "cannot read /nonexistent/key"),
+    ({"url": "redis://127.0.0.1:6379", "prefix": ""}, "cache.redis.prefix: must not be empty"),
+    ({"url": "redis://127.0.0.1:6379", "colour": "red"}, "cache.redis: unknown key(s) colour"),
+])
+def test_redis_config_is_checked(redis, error):
+    from mtasts_policyd.runtime.config import Config, ConfigError, build, checked
+    with pytest.raises(ConfigError) as caught:
+        checked(build(Config, {"cache": {"redis": redis}}))
+    assert error in str(caught.value)
+
+
+def test_hmac_key_file(tmp_path):
+    from mtasts_policyd.runtime.config import Config, build, checked
+    path = tmp_path / "key"
+    path.write_text("a-long-enough-fleet-key\n")
+    config = checked(build(Config, {"cache": {"redis": {"url": "rediss://127.0.0.1", "hmac_key_file": str(path)}}}))
+    assert config.cache.redis is not None and config.cache.redis.key() == b"a-long-enough-fleet-key"

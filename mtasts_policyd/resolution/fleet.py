@@ -90,6 +90,21 @@ class Fleet:
         self._count("adopted")
         return resolver.commit(merged)
 
+    def take(self, domain: str) -> Entry | None:
+        """adopt(), or the node's own entry while the shared level cannot be asked (the warmer)."""
+        try:
+            return self.adopt(domain)
+        except SharedUnavailable:
+            return self.resolver.cache.get(domain)
+
+    def due(self, until: float, limit: int = 100_000) -> list[str]:
+        """The fleet's domains due by `until` (its index), or none while the level cannot be asked."""
+        try:
+            return self.level.due(until, limit)
+        except SharedUnavailable as exc:
+            log.warning("redis due domains not read: %s", exc)
+            return []
+
     def first(self, domain: str) -> Decision | Step:
         """Before the network: the answer the shared level gives, or whether to fetch or wait."""
         try:

@@ -106,21 +106,29 @@ def attach_fleet(config: Config, resolver: PolicyResolver, *, listen: bool = Fal
     without one; `listen`: merge other nodes' writes as they come (the daemon). Nothing is asked
     here: a Redis that is down is found out, and skipped, at the first resolution."""
     settings = config.cache.redis
-    if settings is None:
+    level = open_level(config)
+    if settings is None or level is None:
         return None
-    level = RedisLevel(settings.url, read_url=settings.read_url, read_only=settings.read_only,
-                       prefix=settings.prefix, timeout=settings.timeout, hmac_key=settings.key())
     # The lock outlives one fetch a little: a holder that died frees the domain after it.
     fleet = Fleet(level, resolver, lock_ttl=config.fetch.timeout + 1.0, node=level.node)
     resolver.fleet = fleet
     if listen:
         level.listen(fleet.invalidated)
-    log.info("redis url=%s read_url=%s read_only=%s prefix=%s node=%s", _redacted(settings.url),
-             _redacted(settings.read_url or settings.url), settings.read_only, settings.prefix, level.node)
+    log.info("redis url=%s read_url=%s read_only=%s prefix=%s node=%s", redacted(settings.url),
+             redacted(settings.read_url or settings.url), settings.read_only, settings.prefix, level.node)
     return fleet
 
 
-def _redacted(url: str) -> str:
+def open_level(config: Config) -> RedisLevel | None:
+    """The shared level of `cache.redis` (nothing is asked yet), or None without one."""
+    settings = config.cache.redis
+    if settings is None:
+        return None
+    return RedisLevel(settings.url, read_url=settings.read_url, read_only=settings.read_only,
+                      prefix=settings.prefix, timeout=settings.timeout, hmac_key=settings.key())
+
+
+def redacted(url: str) -> str:
     """The URL without its password, for the logs."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
