@@ -15,7 +15,7 @@ from mtasts_policyd.resolution.fleet import Fleet, Step
 from mtasts_policyd.resolution.resolver import CacheState, Outcome
 from mtasts_policyd.store.entry import Entry
 from mtasts_policyd.store.shared import IgnoredEntry, adopt, decode, encode
-from tests.bodies import ENFORCE, NONE, TESTING
+from tests.bodies import ENFORCE, ENFORCE_ONE_MX, NONE, TESTING
 from tests.fakes import FakeShared
 
 pytestmark = pytest.mark.fast
@@ -256,3 +256,24 @@ def test_hmac_key_file(tmp_path):
     path.write_text("a-long-enough-fleet-key\n")
     config = checked(build(Config, {"cache": {"redis": {"url": "rediss://127.0.0.1", "hmac_key_file": str(path)}}}))
     assert config.cache.redis is not None and config.cache.redis.key() == b"a-long-enough-fleet-key"
+
+
+# ----- when a shared copy expires, and when it is due ------------------------------------------------
+
+
+def test_shared_copy_ends_with_what_still_serves():
+    """RFC 8461 §5.1: a policy serves until fetched_at + max_age; a negative answer or a back-off until
+    its end; the shared key expires then, never later."""
+    assert policy_entry("a.test", ENFORCE, NOW).ends_at() == NOW + 86400
+    assert Entry("a.test", negative_until=NOW + 60).ends_at() == NOW + 60
+    assert Entry("a.test", retry_after=NOW + 300).ends_at() == NOW + 300
+
+
+def test_due_at_is_when_due_turns_true():
+    entry = policy_entry("a.test", ENFORCE_ONE_MX, NOW)  # TXT id trusted for 300 s
+    assert entry.due_at(86400) == NOW + 300
+    assert not entry.due(entry.due_at(86400) - 1, 86400) and entry.due(entry.due_at(86400), 86400)
+    backing_off = replace(entry, retry_after=NOW + 900)
+    assert backing_off.due_at(86400) == NOW + 900
+    negative = Entry("a.test", negative_until=NOW + 60)
+    assert negative.due_at(86400) == NOW + 60 and negative.due(NOW + 60, 86400)

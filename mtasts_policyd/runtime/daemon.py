@@ -218,7 +218,7 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, served: 
         service.prune_settings, service.prune_interval = pruning, new.cache.prune_interval
     logging.getLogger().setLevel(level)
     fixed = [name for name in ("dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
-    fixed += [f"cache.{name}" for name in ("path", "memory_entries")
+    fixed += [f"cache.{name}" for name in ("path", "memory_entries", "redis")
               if getattr(config.cache, name) != getattr(new.cache, name)]
     fixed += [f"{name}.listen" for name in (*(front_end.section for front_end, _ in served), "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]

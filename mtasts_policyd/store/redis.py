@@ -269,14 +269,14 @@ class RedisLevel:
                         on_message(domain, node, action == "forget")
                     except Exception as exc:  # the listener must outlive any surprise
                         log.error("redis invalidation domain=%s not applied: %r", domain, exc)
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: its socket closed by close()
                 if not self._closed.is_set():
                     log.debug("redis listener: %s; reconnecting", exc)
                     self._closed.wait(BREAK / 3)
             finally:
                 try:
                     pubsub.close()
-                except (redis.RedisError, OSError):
+                except (redis.RedisError, OSError, ValueError):
                     pass
 
     def close(self) -> None:
