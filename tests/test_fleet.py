@@ -305,6 +305,10 @@ def test_stale_write_is_refused(redis_server):
         got = level.get("stale.test", now)
         assert got is not None and got.policy_id == "2"
         assert level.put(policy_entry("stale.test", ENFORCE, now + 1, pid="3"), now + 300)
+        # The index stays bounded: a member due long ago (nobody refreshed it) goes at the next write.
+        redis_server.client().zadd(f"{PREFIX}due", {"forgotten.test": now - 31 * 86400})
+        assert level.put(policy_entry("other.test", ENFORCE, now), now + 300)
+        assert redis_server.client().zscore(f"{PREFIX}due", "forgotten.test") is None
     finally:
         level.close()
 

@@ -4,7 +4,9 @@ Keys under `prefix` (default "mtasts:v1:"):
 - `d:<domain>`: the shared document of one domain (store/shared.encode), expiring at the entry's
   own end (entry.ends_at: policy expiry, negative TTL, back-off), never later;
 - `due`: a sorted set of domains by the time they are due (entry.due_at), for the warmers (never
-  KEYS or SCAN over the keyspace); members whose key expired are dropped when met;
+  KEYS or SCAN over the keyspace); members whose key expired are dropped when met, and every write
+  drops the members that were due more than INDEX_KEEP ago (nobody refreshed them: not in use), so
+  the index stays bounded without a scan;
 - `lock:<domain>`: the short fetch lock (SET NX PX) that makes a cold domain one fetch per fleet;
 - the channel `invalidate`: "<domain> <node>" after every write, so other nodes pick it up, and
   "<domain> <node> forget" after `cache forget`.
@@ -37,11 +39,12 @@ log = logging.getLogger("mtasts_policyd.redis")
 
 BREAK = 3.0  # seconds Redis is skipped after a failure, before one call probes it again
 INDEX_TRIM = 500  # members looked at per call when dropping index members whose key expired
+INDEX_KEEP = 30 * 86400  # seconds an index member stays past its due time without a refresh
 
 T = TypeVar("T")
 
 # KEYS: entry, index, lock. ARGV: document, fetched_at, expire (ms since the epoch), due score,
-# domain, channel, message, lock token.
+# domain, channel, message, lock token, index cutoff (members due before it go).
 _WRITE = """
 local old = redis.call('GET', KEYS[1])
 if old then
@@ -56,6 +59,7 @@ if old then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[9])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 if redis.call('GET', KEYS[3]) == ARGV[8] then redis.call('DEL', KEYS[3]) end
 return 1
@@ -174,7 +178,7 @@ class RedisLevel:
         document = encode(entry, self.hmac_key)
         token = self._tokens.get(entry.domain, "")
         args: list[bytes | str | float | int] = [document, entry.fetched_at or 0.0, int(ends * 1000), due_at, entry.domain, self.channel,
-                f"{entry.domain} {self.node}", token]
+                f"{entry.domain} {self.node}", token, time.time() - INDEX_KEEP]
         script = self._write_script
         written = self._call("write", lambda: script(
             keys=[self._key(entry.domain), self.index, self._lock_key(entry.domain)], args=args))
