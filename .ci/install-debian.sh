@@ -3,7 +3,8 @@
 # - postfix (postmap, and a real postfix started by the end-to-end tests with its own config);
 # - exim4-daemon-light unpacked into /opt/exim4 (Debian will not install both MTAs side by side,
 #   both provide mail-transport-agent), with the libraries it needs and the Debian-exim user;
-# - nsd and unbound: the DNSSEC test world (tests/rig/dnssec.py) runs its own instances on loopback.
+# - nsd and unbound: the DNSSEC test world (tests/rig/dnssec.py) runs its own instances on loopback;
+# - redis-server: the fleet tests (tests/rig/redis_server.py) run their own on loopback.
 set -euo pipefail
 EXIM_ROOT=/opt/exim4
 updated=
@@ -12,7 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 need=()
 command -v postmap >/dev/null 2>&1 || need+=(postfix)
-for pkg in libidn12 libgnutls-dane0 libdb5.3 libpcre2-8-0 libnsl2 iproute2 ca-certificates nsd unbound; do
+for pkg in libidn12 libgnutls-dane0 libdb5.3 libpcre2-8-0 libnsl2 iproute2 ca-certificates nsd unbound redis-server; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 # Debian's own python3 needs python3-venv for `python3 -m venv` (.ci/run installs into a venv).

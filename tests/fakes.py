@@ -10,6 +10,7 @@ taxonomy's exceptions. Their API follows the rig's (`set`, `remove`, `fault`, `c
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, 
 from mtasts_policyd.net.dnssec import Denial, DnssecAnswer, DnssecDenial, DnssecResult
 from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
 from mtasts_policyd.net.trust import TrustStore
+from mtasts_policyd.store.entry import Entry
+from mtasts_policyd.store.shared import SharedUnavailable, decode, encode
 from tests.conftest import ENFORCE
 
 FAULTS = ("servfail", "timeout")
@@ -257,3 +260,77 @@ class FakeNet:
         self.dns.set(f"_mta-sts.{domain}", "TXT", f"v=STSv1; id={id}", ttl=ttl)
         self.dns.set(domain, "MX", f"10 mx1.{domain}.", f"20 a.mx.{domain}.", ttl=ttl)
         self.https.set_policy(domain, body.format(d=domain), status=status, cert=cert)
+
+
+class FakeShared:
+    """The fleet's shared level in memory (store/shared.SharedLevel), for the fast rule tests:
+    documents written with the real codec (store/shared.encode/decode, HMAC included), writes
+    refused as Redis's script refuses them (entry.supersedes), locks without expiry unless
+    `expire_lock` is called, `down` makes every call SharedUnavailable. Thread-safe."""
+
+    def __init__(self, hmac_key: bytes | None = None, read_only: bool = False) -> None:
+        self.hmac_key = hmac_key
+        self.read_only = read_only
+        self.down = False
+        self.docs: dict[str, bytes] = {}
+        self.locks: set[str] = set()
+        self.writes = 0
+        self._lock = threading.Lock()
+
+    def _check(self) -> None:
+        if self.down:
+            raise SharedUnavailable("fake shared level down")
+
+    def get(self, domain: str, now: float) -> Entry | None:
+        self._check()
+        raw = self.docs.get(domain)
+        return None if raw is None else decode(raw, domain, now, self.hmac_key)
+
+    def put(self, entry: Entry, due_at: float) -> bool:
+        self._check()
+        assert not self.read_only, "a read-only level must never be asked to write"
+        with self._lock:
+            self.locks.discard(entry.domain)
+            raw = self.docs.get(entry.domain)
+            if raw is not None:
+                stored = json.loads(raw)["record"].get("fetched_at") or 0.0
+                if stored > (entry.fetched_at or 0.0):
+                    return False
+            self.docs[entry.domain] = encode(entry, self.hmac_key)
+            self.writes += 1
+            return True
+
+    def delete(self, domain: str) -> bool:
+        self._check()
+        return self.docs.pop(domain, None) is not None
+
+    def claim(self, domain: str, ttl: float) -> bool:
+        self._check()
+        with self._lock:
+            if domain in self.locks:
+                return False
+            self.locks.add(domain)
+            return True
+
+    def release(self, domain: str) -> None:
+        self._check()
+        self.locks.discard(domain)
+
+    def expire_lock(self, domain: str) -> None:
+        self.locks.discard(domain)
+
+    def locked(self, domain: str) -> bool:
+        self._check()
+        return domain in self.locks
+
+    def due(self, until: float, limit: int) -> list[str]:
+        return sorted(self.docs)[:limit]
+
+    def domains(self) -> list[str]:
+        return sorted(self.docs)
+
+    def status(self) -> dict[str, object]:
+        return {"state": "down" if self.down else "read-only" if self.read_only else "up", "errors": 0}
+
+    def close(self) -> None:
+        pass

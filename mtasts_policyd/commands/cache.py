@@ -25,11 +25,13 @@ from mtasts_policyd.core.policy import Mode
 from mtasts_policyd.ops import cachetool
 from mtasts_policyd.ops.views import branch_text_lines, printable, text_lines
 from mtasts_policyd.runtime.config import Config
-from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, require_cache
+from mtasts_policyd.runtime.daemon import CacheMissing, cache_path, open_level, redacted, require_cache
 from mtasts_policyd.store.base import CacheWriteError
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.codec import ExportFormatError, document_records
-from mtasts_policyd.store.entry import EntryState
+from mtasts_policyd.store.entry import Entry, EntryState
+from mtasts_policyd.store.redis import RedisLevel
+from mtasts_policyd.store.shared import IgnoredEntry, SharedUnavailable
 
 DESCRIPTION = """\
 Inspect and edit the policy cache, also while the daemon runs (it notices changes within about
@@ -127,6 +129,31 @@ def _domains(names: list[str]) -> list[str]:
     return cleaned
 
 
+@contextlib.contextmanager
+def _shared(config: Config) -> Iterator[RedisLevel | None]:
+    """The fleet's shared cache when `cache.redis` is configured (README "Fleet (Redis)"), else None."""
+    level = open_level(config)
+    try:
+        yield level
+    finally:
+        if level is not None:
+            level.close()
+
+
+def _shared_entry(level: RedisLevel, domain: str, now: float) -> Entry | None:
+    """The shared entry, or None (missing, or not usable: said on stderr)."""
+    try:
+        return level.get(domain, now)
+    except IgnoredEntry as exc:
+        _fail(f"{domain}: the shared entry is not used by the daemons ({exc})")
+        return None
+
+
+def _shared_name(config: Config) -> str:
+    redis = config.cache.redis
+    return f"the shared cache at {redacted(redis.url if redis else '')}"
+
+
 # ----- list and show ---------------------------------------------------------------------------
 
 
@@ -138,8 +165,18 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 def list_command(args: argparse.Namespace, config: Config) -> int:
     try:
-        with _open(config) as cache:
-            entries = list(cache.entries())
+        with _shared(config) as level:
+            if level is not None:
+                now = time.time()
+                found = [_shared_entry(level, domain, now) for domain in level.domains()]
+                entries = [entry for entry in found if entry is not None]
+                print(f"{_shared_name(config)}: {len(entries)} domains", file=sys.stderr)
+            else:
+                with _open(config) as cache:
+                    entries = list(cache.entries())
+    except SharedUnavailable as exc:
+        _fail(str(exc))
+        return 1
     except (CacheToolError, sqlite3.Error) as exc:
         _fail(str(exc))
         return 1
@@ -179,12 +216,15 @@ def show_command(args: argparse.Namespace, config: Config) -> int:
     status = 0
     try:
         domains = _domains(args.domains)
-        with _open(config) as cache:
+        with _shared(config) as level, contextlib.ExitStack() as stack:
+            cache = stack.enter_context(_open(config)) if level is None else None
             now = time.time()
             for name, domain in zip(args.domains, domains):
-                entry = cache.reload(domain)
+                entry = cache.reload(domain) if cache is not None else \
+                    _shared_entry(level, domain, now) if level is not None else None
                 if entry is None:
-                    _fail(f"{domain} is not cached" + (f" (as {name!r})" if name != domain else ""))
+                    where = f" in {_shared_name(config)}" if level is not None else ""
+                    _fail(f"{domain} is not cached{where}" + (f" (as {name!r})" if name != domain else ""))
                     status = 1
                     continue
                 info = cachetool.details(entry, now)
@@ -192,7 +232,7 @@ def show_command(args: argparse.Namespace, config: Config) -> int:
                     print(json.dumps(info))
                 else:
                     _print_details(info)
-    except CacheToolError as exc:
+    except (CacheToolError, SharedUnavailable) as exc:
         _fail(str(exc))
         return 1
     return status
@@ -205,7 +245,10 @@ def forget_command(args: argparse.Namespace, config: Config) -> int:
     status = 0
     try:
         domains = _domains(args.domains)
-        with _open(config) as cache:
+        with _open(config) as cache, _shared(config) as level:
+            if level is not None and level.read_only:
+                raise CacheToolError("cache.redis.read_only is true: forget the domains from a node that writes "
+                                     "to the fleet's Redis")
             for domain in domains:
                 try:
                     forgotten = cachetool.forget(cache, domain, time.time())
@@ -213,12 +256,24 @@ def forget_command(args: argparse.Namespace, config: Config) -> int:
                     _fail(str(exc))
                     status = 1
                     continue
+                fleet = ""
+                if level is not None:  # README "Fleet (Redis)": for the whole fleet
+                    try:
+                        shared = _shared_entry(level, domain, time.time())
+                        if level.delete(domain) and not forgotten.found:
+                            forgotten = cachetool.Forgotten(True, shared.state(time.time()).value if shared
+                                                            else "unknown", shared.policy_id if shared else None)
+                    except SharedUnavailable as exc:
+                        _fail(f"{domain}: not forgotten by the fleet: {exc}")
+                        status = 1
+                        continue
+                    fleet = f" for the whole fleet: {_shared_name(config)} and every node's own cache"
                 if not forgotten.found:
-                    _fail(f"{domain} was not cached")
+                    _fail(f"{domain} was not cached" + (f" here nor in {_shared_name(config)}" if level else ""))
                     status = 1
                     continue
                 policy_id = f", policy id {forgotten.policy_id}" if forgotten.policy_id else ""
-                print(f"forgot {domain} ({forgotten.state}{policy_id})")
+                print(f"forgot {domain} ({forgotten.state}{policy_id}){fleet}")
                 if forgotten.unprotected:
                     print(f"warning: {domain} had a usable enforce policy; until the daemon fetches it "
                           "again (at the next lookup), mail to it is not protected by MTA-STS, and an "

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from mtasts_policyd.runtime.config import LOG_LEVELS, Config, checked, load
+from mtasts_policyd.runtime.config import LOG_LEVELS, Config, RedisConfig, checked, load
 from mtasts_policyd.runtime.daemon import FRONT_ENDS
 
 
@@ -63,6 +63,9 @@ def configure(args: argparse.Namespace) -> Config:
         if listen:
             replaced = dataclasses.replace(getattr(config, section), listen=tuple(listen))
             config = dataclasses.replace(config, **{section: replaced})
+    if getattr(args, "redis", None):  # serve --redis URL
+        redis = dataclasses.replace(config.cache.redis or RedisConfig(), url=args.redis)
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, redis=redis))
     if getattr(args, "metrics", None):
         config = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, listen=args.metrics))
     if args.log_level:

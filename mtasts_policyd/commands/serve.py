@@ -25,6 +25,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--metrics", metavar="ADDR",
                         help="serve Prometheus /metrics and /health over HTTP on ADDR; a bare PORT means "
                              "127.0.0.1:PORT (overrides metrics.listen; default: no metrics listener)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="share the cache with a fleet on this Redis, e.g. redis://127.0.0.1:6379/0 "
+                             "(overrides cache.redis.url; README \"Fleet (Redis)\")")
     parser.set_defaults(handler=serve, reloads=True)
 
 

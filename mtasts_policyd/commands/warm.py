@@ -28,6 +28,7 @@ from mtasts_policyd.ops.warm import (
 from mtasts_policyd.runtime.config import Config
 from mtasts_policyd.runtime.daemon import (
     CacheMissing,
+    attach_fleet,
     build_resolver,
     prune_settings,
     require_cache,
@@ -81,6 +82,10 @@ def _unusable_cache(detail: str) -> int:
     return 1
 
 
+# With a fleet (README "Fleet (Redis)"): the shared domains due within this many seconds are warmed too.
+FLEET_AHEAD = 6 * 3600
+
+
 def run_warm(args: argparse.Namespace, config: Config) -> int:
     """The `warm` handler: 0 no alerts, 1 alerts, 2 usage error, 130 interrupted."""
     if args.log_level is None:  # a cron job's mail should hold the summary and alerts, not info logs
@@ -103,6 +108,9 @@ def run_warm(args: argparse.Namespace, config: Config) -> int:
     try:
         if not resolver.cache.persistent:
             return _unusable_cache(f"cache {resolver.cache.path} cannot be opened; nothing warmed")
+        fleet = attach_fleet(config, resolver)
+        if fleet is not None:  # README "Fleet (Redis)": the fleet's due domains too, from its index
+            hints += fleet.due(time.time() + FLEET_AHEAD)
         domains = select_domains(resolver.cache.entries(), time.time(), options, hints)
         progress = Progress(sys.stderr, len(domains))
 
@@ -121,5 +129,7 @@ def run_warm(args: argparse.Namespace, config: Config) -> int:
         resolver.cache.prune(time.time(), prune_settings(config))  # README "Cache size"
     finally:
         resolver.cache.close()
+        if resolver.fleet is not None:
+            resolver.fleet.level.close()
     print(summary.line(), flush=True)
     return summary.exit_code

@@ -24,7 +24,7 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.core.dane_verdict import Verdict
@@ -214,6 +214,29 @@ class Metrics:
         family("mtasts_build_info", "gauge", "Version of mtasts-policyd and of Python; always 1.",
                [({"version": __version__, "python": platform.python_version()}, 1)])
         return "\n".join(out) + "\n"
+
+
+def fleet_families(status: dict[str, Any]) -> list[Family]:
+    """The fleet's shared level (README "Fleet (Redis)") as metrics, from resolution/fleet.Fleet.status."""
+    return [
+        ("mtasts_redis_up", "gauge", "1 while Redis answers (read-only included), 0 while it is skipped "
+         "(circuit open: the node works alone).", [({}, int(status["state"] != "down"))]),
+        ("mtasts_redis_errors_total", "counter", "Redis calls that failed (each opens the circuit for a while).",
+         [({}, status["errors"])]),
+        ("mtasts_redis_lookups_total", "counter", "Shared entries asked for before the network, by result.",
+         [({"result": "hit"}, status["hits"]), ({"result": "miss"}, status["misses"])]),
+        ("mtasts_redis_adopted_total", "counter", "Shared entries taken into this node's cache.",
+         [({}, status["adopted"])]),
+        ("mtasts_redis_writes_total", "counter", "Resolution results written to Redis, by result (refused: a "
+         "newer policy fetch was shared).", [({"result": "written"}, status["written"]),
+                                              ({"result": "refused"}, status["refused"])]),
+        ("mtasts_redis_ignored_total", "counter", "Shared entries not used, by reason (unreadable, mismatch, "
+         "signature, downgrade, conflict).", [({"reason": r}, n) for r, n in sorted(status["ignored"].items())]),
+        ("mtasts_redis_lock_waits_total", "counter", "Resolutions that waited for another node's fetch.",
+         [({}, status["lock_waits"])]),
+        ("mtasts_redis_invalidations_total", "counter", "Other nodes' writes heard on the invalidation channel.",
+         [({}, status["invalidations"])]),
+    ]
 
 
 def tlsrpt_families(totals: Totals) -> list[Family]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtasts_policyd import __version__
 from mtasts_policyd.frontends.listeners import Address, ConnectionSlots, parse_address
-from mtasts_policyd.ops.metrics import Family, Metrics, Sample, tlsrpt_families
+from mtasts_policyd.ops.metrics import Family, Metrics, Sample, fleet_families, tlsrpt_families
 from mtasts_policyd.resolution.workers import in_thread
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError
 
@@ -46,7 +46,8 @@ class MetricsServer:
                  pending: Callable[[], int] | None = None,
                  dropped: Callable[[], dict[str, int]] | None = None,
                  dane: Callable[[], dict[str, Any]] | None = None,
-                 tlsrpt: TlsRptStore | None = None) -> None:
+                 tlsrpt: TlsRptStore | None = None,
+                 fleet: Callable[[], dict[str, Any]] | None = None) -> None:
         self.cache = cache
         self.registry = registry
         self.stopping = False  # set on SIGTERM: /health answers 503 while lookups drain
@@ -58,6 +59,7 @@ class MetricsServer:
         self.dropped = dropped  # resolutions not seen through, by reason
         self.dane = dane  # DANE's mode and probe state (resolution/dane.DaneGate.status)
         self.tlsrpt = tlsrpt  # the TLSRPT counts store the daemon records into, if any
+        self.fleet = fleet  # the fleet's shared level and this node's counters (resolution/fleet.Fleet.status)
 
     def protocol(self) -> HttpProtocol:
         return HttpProtocol(self)
@@ -77,6 +79,8 @@ class MetricsServer:
                 "cache": {"path": stats.path, "persistent": stats.persistent, "unsaved_entries": stats.unsaved}}
         if self.dane is not None:
             body["dane"] = self.dane()
+        if self.fleet is not None:
+            body["redis"] = self.fleet()
         return (503 if self.stopping else 200), body
 
     async def metrics(self) -> str:
@@ -112,6 +116,8 @@ class MetricsServer:
             gauges.append(("mtasts_dane_validating", "gauge",
                            "1 while the DNS resolver's answers come with AD (the trust probe), 0 while DANE is "
                            "degraded.", [({"mode": dane["mode"]}, int(dane["state"] == "validating"))]))
+        if self.fleet is not None:
+            gauges += fleet_families(self.fleet())
         if self.pending is not None:
             gauges.append(("mtasts_resolutions_pending", "gauge", "Resolutions in flight or queued now.",
                            [({}, self.pending())]))

@@ -145,6 +145,8 @@ def warm_domain(resolver: PolicyResolver, domain: str, options: WarmOptions,
     if override is not None and override.active(now):
         return WarmResult(domain, Outcome.SKIPPED, "override in the configuration")
     cache = resolver.cache
+    if resolver.fleet is not None:  # README "Fleet (Redis)": what another node fetched counts here too
+        resolver.fleet.take(domain)
     # Read the stored row, not this process's memory copy: another process may have written it.
     before = cache.reload(domain) if cache.persistent else cache.get(domain)
     stored = before.policy if before is not None else None

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mtasts_policyd.core.dane_verdict import DaneBranch, DaneDecision
 from mtasts_policyd.core.errors import (
@@ -39,6 +39,9 @@ from mtasts_policyd.net.trust import TrustStore
 from mtasts_policyd.resolution.dane import DaneGate, Need
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.entry import Entry, merge
+
+if TYPE_CHECKING:
+    from mtasts_policyd.resolution.fleet import Fleet
 
 log = logging.getLogger("mtasts_policyd.resolution")
 
@@ -226,6 +229,9 @@ class PolicyResolver:
         # TLSRPT records of the daemon's own policy failures (runtime/daemon.py sets it when a
         # TLSRPT store is in use); None for the commands and tests.
         self.policy_failures: PolicyFailures | None = None
+        # The fleet's shared level (resolution/fleet.py), when `cache.redis` is configured: every
+        # resolution's result is shared; None for a single node.
+        self.fleet: Fleet | None = None
 
     @property
     def trust(self) -> TrustStore:
@@ -271,6 +277,12 @@ class PolicyResolver:
             due = due or need is Need.DUE
         return self._decision(entry, now, state), due
 
+    def answer(self, entry: Entry, now: float) -> Decision:
+        """The decision for an entry that is not due (a fleet's shared entry): as from the cache."""
+        state = CacheState.HIT if entry.usable_policy(now) is not None else \
+            CacheState.NEGATIVE if now < entry.negative_until else CacheState.BACKOFF
+        return decision_from(entry, now, state, self.dane)
+
     def _decision(self, entry: Entry, now: float, state: CacheState) -> Decision:
         """decision_from, built once per entry, state and DANE state (valid while none changes)."""
         memo = self._decisions.get(entry.domain)
@@ -298,7 +310,7 @@ class PolicyResolver:
     def store_dane(self, domain: str, branch: DaneBranch) -> Entry:
         """Keep a DANE branch beside the domain's MTA-STS half (a worker thread: it writes the cache)."""
         entry = self.cache.get(domain) or Entry(domain)
-        return self._commit(replace(entry, dane=branch))
+        return self.commit(replace(entry, dane=branch))
 
     def current(self, domain: str) -> Decision:
         """The decision for what is cached now, as a resolution that just ran (a lookup that waited
@@ -333,7 +345,9 @@ class PolicyResolver:
             return Resolution(overridden, Outcome.UNCHANGED)
         before = self.cache.get(domain) or Entry(domain)
         entry, outcome = self._refresh_policy(before, now, refetch, txt)
-        entry = self._commit(self._refresh_mx(entry, now))
+        entry = self.commit(self._refresh_mx(entry, now))
+        if self.fleet is not None:
+            self.fleet.publish(entry)  # README "Fleet (Redis)": the fleet learns what this node found
         decision = decision_from(entry, now, CacheState.MISS, self.dane)
         resolution = Resolution(decision, outcome, before.policy_id if outcome is Outcome.CHANGED else None)
         self._counters.resolved(outcome)
@@ -342,7 +356,7 @@ class PolicyResolver:
                  entry.policy_id or "-", detail)
         return resolution
 
-    def _commit(self, entry: Entry) -> Entry:
+    def commit(self, entry: Entry) -> Entry:
         """Store the entry; when another process wrote the domain meanwhile, keep the newer policy."""
         for _ in range(5):
             stored = self.cache.put(entry)

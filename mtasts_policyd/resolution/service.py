@@ -26,7 +26,7 @@ import time
 
 from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
 from mtasts_policyd.net.base import StsAnswer
-from mtasts_policyd.resolution.resolver import CacheState, Decision, PolicyResolver, Resolution
+from mtasts_policyd.resolution.resolver import CacheState, Decision, Outcome, PolicyResolver, Resolution
 from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
 from mtasts_policyd.store.base import PruneSettings
 
@@ -163,6 +163,14 @@ class PolicyService:
         return resolver.with_dane(decision, branch)
 
     async def _sts(self, domain: str) -> Resolution:
+        fleet = self.resolver.fleet
+        if fleet is not None:  # README "Fleet (Redis)": the shared level first, in a worker thread
+            flight = self._pending.get(domain)
+            loop = asyncio.get_running_loop()
+            deadline = flight.deadline if flight else loop.time() + self.resolver.settings.lookup_timeout
+            shared = await fleet.before_network(domain, self._executor, deadline)
+            if shared is not None:
+                return Resolution(shared, Outcome.UNCHANGED)
         txt: StsAnswer | MtaStsError
         try:
             txt = await self.resolver.discovery.sts_record_async(domain)

@@ -15,6 +15,7 @@ import datetime
 import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
@@ -97,6 +98,51 @@ class EximConfig:
     max_connections: int = field(default=1024, metadata=limits(min=1, max=100_000))
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url(text: str) -> None:
+    """redis://[user:password@]host[:port][/db], rediss:// (TLS) or unix:///path (redis-py's forms)."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+        raise ValueError(f"expected a URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://), got {text!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}") from None
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """cache.redis: the fleet's shared cache (README "Fleet (Redis)")."""
+
+    url: str = field(default="", metadata=limits(min=1, check=redis_url))  # required
+    # reads and invalidations from here (a replica); None: `url`
+    read_url: str | None = field(default=None, metadata=limits(check=redis_url))
+    read_only: bool = False  # never write (a node on a replica)
+    prefix: str = field(default="mtasts:v1:", metadata=limits(min=1, max=100))
+    # seconds for connecting and for each reply; then Redis is skipped for a while (circuit breaker)
+    timeout: float = field(default=0.2, metadata=limits(min=0.01, max=10))
+    # entries are signed with HMAC-SHA256 and unsigned ones ignored; at least 16 characters
+    hmac_key: str | None = field(default=None, metadata=limits(min=16, max=1024))
+    hmac_key_file: str | None = field(default=None, metadata=limits(min=1))
+
+    def key(self) -> bytes | None:
+        """The HMAC key: `hmac_key`, or the first line of `hmac_key_file` (ValueError: unreadable, short)."""
+        if self.hmac_key is not None:
+            return self.hmac_key.encode()
+        if self.hmac_key_file is None:
+            return None
+        try:
+            with open(self.hmac_key_file, encoding="utf-8") as handle:
+                text = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cache.redis.hmac_key_file: cannot read {self.hmac_key_file}: {exc}") from None
+        if len(text) < 16:
+            raise ValueError(f"cache.redis.hmac_key_file: {self.hmac_key_file} holds no key of 16 characters or more")
+        return text.encode()
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     # None: /var/lib/mtasts-policyd/cache.sqlite3 (root) or the XDG state dir
@@ -109,6 +155,8 @@ class CacheConfig:
     negative_grace: float = field(default=86400, metadata=limits(min=0))
     max_negative_entries: int = field(default=100_000, metadata=limits(min=100))
     prune_interval: float = field(default=600, metadata=limits(min=1, max=86400))
+    # None: no fleet; a node alone with its own cache
+    redis: RedisConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -364,6 +412,14 @@ def checked(config: Config) -> Config:
     """`config` if every key is in range and every override is sound; ConfigError naming the key."""
     validate(config)
     override_table(config)  # a broken override must stop start-up (or a reload), not a lookup
+    redis = config.cache.redis
+    if redis is not None:
+        if redis.hmac_key is not None and redis.hmac_key_file is not None:
+            raise ConfigError("cache.redis: hmac_key and hmac_key_file exclude each other")
+        try:
+            redis.key()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return config
 
 

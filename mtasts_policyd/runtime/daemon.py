@@ -25,6 +25,7 @@ from mtasts_policyd.ops.metrics import Metrics
 from mtasts_policyd.ops.status_http import MetricsServer, parse_metrics_address
 from mtasts_policyd.ops.tlsrpt_policy import PolicyFailureRecorder
 from mtasts_policyd.resolution.dane import DaneCounters, DaneGate, Notes, not_on_loopback
+from mtasts_policyd.resolution.fleet import Fleet
 from mtasts_policyd.resolution.resolver import PolicyResolver, ResolutionCounters
 from mtasts_policyd.resolution.service import PolicyService
 from mtasts_policyd.resolution.workers import in_thread
@@ -34,6 +35,7 @@ from mtasts_policyd.runtime.signals import early_hup
 from mtasts_policyd.store.base import PruneSettings
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.entry import merge
+from mtasts_policyd.store.redis import RedisLevel
 from mtasts_policyd.store.sqlite import default_cache_path
 from mtasts_policyd.store.tlsrpt_store import TlsRptStore, TlsRptStoreError, default_store_path
 
@@ -97,6 +99,43 @@ def build_resolver(config: Config, *, memory_only: bool = False,
     cache = PolicyCache(None if memory_only else cache_path(config), config.cache.memory_entries)
     return PolicyResolver(cache, discovery, PolicyFetcher(discovery, config.fetch), config.resolver,
                           overrides=override_table(config), counters=counters)
+
+
+def attach_fleet(config: Config, resolver: PolicyResolver, *, listen: bool = False) -> Fleet | None:
+    """The fleet's shared level (`cache.redis`, README "Fleet (Redis)") for the resolver, or None
+    without one; `listen`: merge other nodes' writes as they come (the daemon). Nothing is asked
+    here: a Redis that is down is found out, and skipped, at the first resolution."""
+    settings = config.cache.redis
+    level = open_level(config)
+    if settings is None or level is None:
+        return None
+    # The lock outlives one fetch a little: a holder that died frees the domain after it.
+    fleet = Fleet(level, resolver, lock_ttl=config.fetch.timeout + 1.0, node=level.node)
+    resolver.fleet = fleet
+    if listen:
+        level.listen(fleet.invalidated)
+    log.info("redis url=%s read_url=%s read_only=%s prefix=%s node=%s", redacted(settings.url),
+             redacted(settings.read_url or settings.url), settings.read_only, settings.prefix, level.node)
+    return fleet
+
+
+def open_level(config: Config) -> RedisLevel | None:
+    """The shared level of `cache.redis` (nothing is asked yet), or None without one."""
+    settings = config.cache.redis
+    if settings is None:
+        return None
+    return RedisLevel(settings.url, read_url=settings.read_url, read_only=settings.read_only,
+                      prefix=settings.prefix, timeout=settings.timeout, hmac_key=settings.key())
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for the logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}" if ":" in userinfo else url
 
 
 def build_dane(config: Config, counters: DaneCounters | None = None, notes: Notes | None = None) -> DaneGate:
@@ -179,7 +218,7 @@ def apply_reload(config: Config, new: Config, resolver: PolicyResolver, served: 
         service.prune_settings, service.prune_interval = pruning, new.cache.prune_interval
     logging.getLogger().setLevel(level)
     fixed = [name for name in ("dns", "fetch", "workers") if getattr(config, name) != getattr(new, name)]
-    fixed += [f"cache.{name}" for name in ("path", "memory_entries")
+    fixed += [f"cache.{name}" for name in ("path", "memory_entries", "redis")
               if getattr(config.cache, name) != getattr(new.cache, name)]
     fixed += [f"{name}.listen" for name in (*(front_end.section for front_end, _ in served), "metrics")
               if getattr(config, name).listen != getattr(new, name).listen]
@@ -218,6 +257,7 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     raise_open_files_limit(config)
     registry = Metrics(front_end.name for front_end in FRONT_ENDS)  # counters handed to what counts
     resolver = build_resolver(config, counters=registry)
+    fleet = attach_fleet(config, resolver, listen=True)
     resolver.dane = dane = build_dane(config, registry, resolver.cache)
     resolver.policy_failures = recorder = open_tlsrpt_recorder(config)
     await start_dane(dane, config)
@@ -236,7 +276,8 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
     metrics = MetricsServer(resolver.cache, registry, max_connections=config.metrics.max_connections,
                             listeners={front_end.name: running.slots for front_end, running in served},
                             pending=lambda: service.pending, dropped=lambda: service.dropped, dane=dane.status,
-                            tlsrpt=recorder.store if recorder is not None else None)
+                            tlsrpt=recorder.store if recorder is not None else None,
+                            fleet=fleet.status if fleet is not None else None)
     metrics_listener = None
     if config.metrics.listen:  # opt-in: no HTTP listener unless configured
         address = parse_metrics_address(config.metrics.listen)
@@ -290,6 +331,8 @@ async def run(config: Config, reload: Callable[[], Config] | None = None) -> Non
         prober.cancel()
         service.close()
         await close_cache(resolver.cache, deadline)
+        if fleet is not None:
+            fleet.level.close()
         if recorder is not None:
             recorder.store.close()
         log.info("stopped")

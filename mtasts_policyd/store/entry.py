@@ -112,6 +112,24 @@ class Entry:
             return self.refresh_due(now, refresh_after)
         return now >= self.negative_until
 
+    def due_at(self, refresh_after: float) -> float:
+        """When due() turns true, as a time (the order of the fleet's warmer index, store/redis.py):
+        the refresh of a policy (TXT TTL, §10.2 refetch, MX), or its expiry, or the end of the
+        negative TTL; never before a back-off ends."""
+        start = self.negative_until
+        expires = self.expires_at
+        if expires is not None and self.fetched_at is not None and self.policy is not None:
+            refresh = min(self.txt_expires_at, self.fetched_at + min(refresh_after, self.policy.max_age / 2))
+            if self.policy.has_wildcards:
+                refresh = min(refresh, self.mx_expires_at)
+            start = min(refresh, expires)
+        return max(start, self.retry_after)
+
+    def ends_at(self) -> float:
+        """When nothing in the entry serves any more: the policy's expiry (RFC 8461 §5.1), the
+        negative TTL, the back-off, whichever is last (a shared copy expires then, never later)."""
+        return max(self.expires_at or 0.0, self.negative_until, self.retry_after)
+
 
 def supersedes(current: Entry, ours: Entry, *, ties_to_current: bool = False) -> bool:
     """Whether the stored entry wins over ours: its policy fetch is newer (or, with
