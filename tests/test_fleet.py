@@ -17,7 +17,7 @@ import yaml
 
 from mtasts_policyd.store.cache import PolicyCache
 from mtasts_policyd.store.redis import BREAK, RedisLevel
-from mtasts_policyd.store.shared import encode
+from mtasts_policyd.store.shared import encode, forget_message
 from tests.bodies import ENFORCE, ENFORCE_ONE_MX, NONE
 from tests.conftest import Daemon, SocketmapClient, free_port, run_cli, secure
 from tests.rig.redis_server import RedisServer
@@ -291,6 +291,31 @@ def test_tampered_entry_never_downgrades(rig, start_daemon, tmp_path, redis_serv
     reason = {"mode-none": "downgrade", "altered-body": "mismatch", "bad-hmac": "signature"}[tamper]
     assert eventually(lambda: metric(metrics_port, "mtasts_redis_ignored_total", reason=reason) >= 1, timeout=10)
     assert ask(daemon, domain) == "OK " + secure(domain)
+
+
+@pytest.mark.parametrize("forged", ["unsigned", "replayed", "wrong-key"])
+def test_forged_forget_never_drops_a_nodes_policy(rig, start_daemon, tmp_path, redis_server, forged):
+    """With `hmac_key`, a "forget" on the channel must be signed and fresh: anyone who can publish
+    to Redis could otherwise make every node drop its enforce policies (a downgrade, RFC 8461
+    §5.1). A genuine `cache forget` (signed with the fleet's key) still works."""
+    key = "fleet-hmac-key-0123456789"
+    daemon, metrics_port = node(start_daemon, tmp_path, "n", {"url": redis_server.url, "hmac_key": key})
+    domain = rig.domain("forget")
+    rig.publish(domain)
+    assert ask(daemon, domain) == "OK " + secure(domain)
+    rig.dns.remove(f"_mta-sts.{domain}")  # a node that dropped its copy would now answer NOTFOUND
+    client = redis_server.client()
+    client.delete(f"{PREFIX}d:{domain}")  # whoever can publish can also delete
+    now = time.time()
+    message = {"unsigned": f"{domain} elsewhere forget {int(now)}",
+               "replayed": forget_message(domain, "elsewhere", now - 3600, key.encode()),
+               "wrong-key": forget_message(domain, "elsewhere", now, b"another-key-0123456789")}[forged]
+    client.publish(f"{PREFIX}invalidate", message)
+    assert eventually(lambda: metric(metrics_port, "mtasts_redis_ignored_total", reason="signature") >= 1, timeout=10)
+    assert ask(daemon, domain) == "OK " + secure(domain)
+    forgot = run_cli("cache", "forget", "--config", str(daemon.config_path), domain)
+    assert forgot.returncode == 0 and "for the whole fleet" in forgot.stdout, forgot.stdout + forgot.stderr
+    assert eventually(lambda: ask(daemon, domain) == "NOTFOUND ", timeout=10)
 
 
 def test_stale_write_is_refused(redis_server):

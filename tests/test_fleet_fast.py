@@ -14,7 +14,7 @@ from mtasts_policyd.core.policy import Mode, parse_policy
 from mtasts_policyd.resolution.fleet import Fleet, Step
 from mtasts_policyd.resolution.resolver import CacheState, Outcome
 from mtasts_policyd.store.entry import Entry
-from mtasts_policyd.store.shared import IgnoredEntry, adopt, decode, encode
+from mtasts_policyd.store.shared import Horizons, IgnoredEntry, Notice, adopt, decode, encode, forget_message, read_notice
 from tests.bodies import ENFORCE, ENFORCE_ONE_MX, NONE, TESTING
 from tests.fakes import FakeShared
 
@@ -119,6 +119,24 @@ def test_same_fetch_takes_the_later_txt_check_and_back_off():
     assert taken is not None and taken.txt_expires_at == NOW + 900 and taken.retry_after == NOW + 300
 
 
+def test_a_shared_entry_promises_no_further_than_the_nodes_own_bounds():
+    """A shared copy (tampered with, or from a node configured otherwise) must not hold a node off
+    the network longer than the node itself would: a back-off far ahead would keep it from ever
+    refreshing an enforce policy, which would then expire into NOTFOUND (a downgrade, RFC 8461
+    §5.1); a negative TTL far ahead would hide a policy the domain publishes. Each promise into
+    the future is cut at the node's own bound (resolver settings)."""
+    horizons = Horizons(negative=3600, txt=3600, backoff=3600)
+    local = policy_entry("a.test", ENFORCE, NOW - 1000)
+    year = 365 * 86400
+    remote = replace(local, txt_expires_at=NOW + year, retry_after=NOW + year, failures=1, failure_at=NOW - 1,
+                     mx_expires_at=NOW + year)
+    taken = adopt(local, remote, NOW, horizons)
+    assert taken is not None
+    assert (taken.txt_expires_at, taken.retry_after, taken.mx_expires_at) == (NOW + 3600, NOW + 3600, NOW + 3600)
+    fresh = adopt(None, Entry("b.test", negative_until=NOW + year), NOW, horizons)
+    assert fresh is not None and fresh.negative_until == NOW + 3600
+
+
 def test_same_fetch_time_with_another_body_is_a_conflict():
     local = policy_entry("a.test", ENFORCE, NOW - 1000)
     remote = policy_entry("a.test", ENFORCE.replace("mx1", "evil"), NOW - 1000)
@@ -180,7 +198,7 @@ def test_tampered_none_never_downgrades_a_node(fake_net, fleet_of, clock):
     fake_net.publish("a.test")
     node.resolver.resolve("a.test")
     shared.docs["a.test"] = encode(policy_entry("a.test", NONE, clock.now + 1, pid="2"))
-    node.invalidated("a.test", "elsewhere", False)
+    node.invalidated("a.test", "elsewhere", Notice.WRITTEN)
     decision, _ = node.resolver.cached("a.test")
     assert decision is not None and decision.policy is not None and decision.policy.mode is Mode.ENFORCE
     assert node.ignored["downgrade"] == 1
@@ -277,3 +295,15 @@ def test_due_at_is_when_due_turns_true():
     assert backing_off.due_at(86400) == NOW + 900
     negative = Entry("a.test", negative_until=NOW + 60)
     assert negative.due_at(86400) == NOW + 60 and negative.due(NOW + 60, 86400)
+
+
+def test_forget_notices_must_be_signed_and_fresh_with_an_hmac_key():
+    """store/shared.read_notice: a forget drops enforce policies, so with hmac_key it must be the
+    fleet's (signed) and recent; a write notice only makes a node read (and check) the entry."""
+    message = forget_message("a.test", "n1", NOW, KEY)
+    assert read_notice(message, NOW + 5, KEY) == ("a.test", "n1", Notice.FORGOTTEN)
+    assert read_notice(message, NOW + 3600, KEY)[2] is Notice.FORGED  # replayed later
+    assert read_notice(message.replace("a.test", "b.test", 1), NOW, KEY)[2] is Notice.FORGED
+    assert read_notice(forget_message("a.test", "n1", NOW), NOW, KEY)[2] is Notice.FORGED  # unsigned
+    assert read_notice(forget_message("a.test", "n1", NOW), NOW) == ("a.test", "n1", Notice.FORGOTTEN)  # no key
+    assert read_notice("a.test n1", NOW, KEY) == ("a.test", "n1", Notice.WRITTEN)

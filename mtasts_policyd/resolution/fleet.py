@@ -24,7 +24,8 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from mtasts_policyd.store.entry import Entry
-from mtasts_policyd.store.shared import IGNORED_REASONS, IgnoredEntry, SharedLevel, SharedUnavailable, adopt
+from mtasts_policyd.store.shared import (IGNORED_REASONS, Horizons, IgnoredEntry, Notice, SharedLevel, SharedUnavailable,
+                                         adopt)
 
 if TYPE_CHECKING:
     from mtasts_policyd.resolution.resolver import Decision, PolicyResolver
@@ -79,7 +80,8 @@ class Fleet:
                 self._count("misses")
                 return local
             self._count("hits")
-            merged = adopt(local, remote, now)
+            s = resolver.settings
+            merged = adopt(local, remote, now, Horizons(s.negative_ttl_max, s.txt_ttl_max, s.backoff_max))
         except IgnoredEntry as exc:
             with self._lock:
                 self.ignored[exc.reason] = self.ignored.get(exc.reason, 0) + 1
@@ -182,14 +184,20 @@ class Fleet:
 
     # ----- invalidations (the level's listener thread) -----------------------------------------
 
-    def invalidated(self, domain: str, node: str, forgotten: bool) -> None:
+    def invalidated(self, domain: str, node: str, notice: Notice) -> None:
         """Another node wrote the domain: merge the shared entry into this node's cache when the
-        node knows the domain; `forgotten` (`cache forget`): drop it here too. Then wake the
-        lookups waiting for it."""
-        if node != self.node:
+        node knows the domain; FORGOTTEN (`cache forget`): drop it here too; FORGED (a forget that
+        is not the fleet's, store/shared.read_notice): ignored, counted. Then wake the lookups
+        waiting for it."""
+        if notice is Notice.FORGED:
+            with self._lock:
+                self.ignored["signature"] += 1
+            log.warning("redis domain=%s forget ignored: not signed with the fleet's hmac_key or too old "
+                        "(node=%s)", domain, node)
+        elif node != self.node:
             self._count("invalidations")
             try:
-                if forgotten:
+                if notice is Notice.FORGOTTEN:
                     self.resolver.cache.delete(domain)
                     log.info("redis domain=%s forgotten by node=%s; dropped here too", domain, node)
                 elif self.resolver.cache.get(domain) is not None:

@@ -9,7 +9,8 @@ Keys under `prefix` (default "mtasts:v1:"):
   the index stays bounded without a scan;
 - `lock:<domain>`: the short fetch lock (SET NX PX) that makes a cold domain one fetch per fleet;
 - the channel `invalidate`: "<domain> <node>" after every write, so other nodes pick it up, and
-  "<domain> <node> forget" after `cache forget`.
+  "<domain> <node> forget <time> [<HMAC>]" after `cache forget` (store/shared.read_notice: with
+  `hmac_key`, a forget must be signed and fresh).
 
 Writes are one Lua script: compare-and-set on the policy fetch time (entry.supersedes: a stale
 write is refused), SET with PXAT, the index, PUBLISH. Redis must never slow a node down: redis-py
@@ -33,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mtasts_policyd.store.entry import Entry
-from mtasts_policyd.store.shared import SharedUnavailable, decode, encode
+from mtasts_policyd.store.shared import Notice, SharedUnavailable, decode, encode, forget_message, read_notice
 
 log = logging.getLogger("mtasts_policyd.redis")
 
@@ -194,7 +195,7 @@ class RedisLevel:
             pipe = write.pipeline()
             pipe.delete(self._key(domain))
             pipe.zrem(self.index, domain)
-            pipe.publish(self.channel, f"{domain} {self.node} forget")
+            pipe.publish(self.channel, forget_message(domain, self.node, time.time(), self.hmac_key))
             return int(pipe.execute()[0])
         return bool(self._call("delete", remove))
 
@@ -249,14 +250,14 @@ class RedisLevel:
 
     # ----- invalidations -----------------------------------------------------------------------
 
-    def listen(self, on_message: Callable[[str, str, bool], None]) -> None:
-        """Call on_message(domain, node, forgotten) for every write of any node (this one's too), from a
+    def listen(self, on_message: Callable[[str, str, Notice], None]) -> None:
+        """Call on_message(domain, node, notice) for every write of any node (this one's too), from a
         thread of its own, reconnecting after a failure. Pub/sub reaches replicas: a read-only
         node on a replica hears the fleet's writes."""
         self._listener = threading.Thread(target=self._listen, args=(on_message,), name="redis-listen", daemon=True)
         self._listener.start()
 
-    def _listen(self, on_message: Callable[[str, str, bool], None]) -> None:
+    def _listen(self, on_message: Callable[[str, str, Notice], None]) -> None:
         while not self._closed.is_set():
             pubsub = self._read.pubsub(ignore_subscribe_messages=True)
             try:
@@ -267,10 +268,9 @@ class RedisLevel:
                         continue
                     data = message["data"]
                     text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
-                    domain, _, rest = text.partition(" ")
-                    node, _, action = rest.partition(" ")
+                    domain, node, notice = read_notice(text, time.time(), self.hmac_key)
                     try:
-                        on_message(domain, node, action == "forget")
+                        on_message(domain, node, notice)
                     except Exception as exc:  # the listener must outlive any surprise
                         log.error("redis invalidation domain=%s not applied: %r", domain, exc)
             except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: its socket closed by close()

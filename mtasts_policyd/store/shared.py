@@ -14,10 +14,11 @@ never replaced by an older one.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from mtasts_policyd.core.policy import Mode
@@ -142,10 +143,72 @@ def decode(raw: bytes | str, domain: str, now: float, hmac_key: bytes | None = N
     return entry
 
 
+# ----- the invalidation channel ------------------------------------------------------------------
+
+FORGET_WINDOW = 60.0  # seconds a signed "forget" is taken after it was sent (a replay later is not)
+
+
+class Notice(enum.Enum):
+    """What a message on the channel says about a domain."""
+
+    WRITTEN = "written"  # a node wrote it: read the shared entry (checked as any other read)
+    FORGOTTEN = "forgotten"  # `cache forget`: every node drops its copy
+    FORGED = "forged"  # a "forget" that is not signed with the fleet's key, or too old: ignored
+
+
+def _forget_signature(domain: str, node: str, stamp: int, key: bytes) -> str:
+    return hmac.new(key, f"forget {domain} {node} {stamp}".encode(), hashlib.sha256).hexdigest()
+
+
+def forget_message(domain: str, node: str, now: float, hmac_key: bytes | None = None) -> str:
+    """The channel message of `cache forget`: "<domain> <node> forget <unix time> [<HMAC>]"."""
+    stamp = int(now)
+    text = f"{domain} {node} forget {stamp}"
+    return text if hmac_key is None else f"{text} {_forget_signature(domain, node, stamp, hmac_key)}"
+
+
+def read_notice(text: str, now: float, hmac_key: bytes | None = None) -> tuple[str, str, Notice]:
+    """(domain, node, notice) of a channel message. A write notice needs no signature: it only
+    makes a node read the shared entry, which is checked like any read. A forget drops a node's
+    copy, enforce policies included, so with `hmac_key` it must carry the fleet's signature and be
+    at most FORGET_WINDOW old: whoever can publish to Redis must not make the fleet forget."""
+    domain, node, action, *rest = text.split(" ") + ["", ""]
+    if action != "forget":
+        return domain, node, Notice.WRITTEN
+    if hmac_key is None:
+        return domain, node, Notice.FORGOTTEN
+    stamp, signature = rest[0], rest[1]
+    if not stamp.isdigit() or abs(now - int(stamp)) > FORGET_WINDOW or not hmac.compare_digest(
+            signature, _forget_signature(domain, node, int(stamp), hmac_key)):
+        return domain, node, Notice.FORGED
+    return domain, node, Notice.FORGOTTEN
+
+
 # ----- taking a shared entry into a node's cache -----------------------------------------------
 
 
-def adopt(local: Entry | None, remote: Entry, now: float) -> Entry | None:
+@dataclass(frozen=True)
+class Horizons:
+    """How far ahead of now a shared entry may promise anything, in seconds: the node's own bounds
+    (resolver settings negative_ttl_max, txt_ttl_max, backoff_max). A shared copy, tampered with
+    or written by a node configured otherwise, never holds a node off the network longer than the
+    node itself would: a back-off a year ahead would keep it from refreshing an enforce policy
+    until that policy expired into "no policy" (a downgrade, RFC 8461 §5.1)."""
+
+    negative: float = 3600.0
+    txt: float = 3600.0  # the TXT id's and the MX hosts' DNS TTL
+    backoff: float = 3600.0
+
+
+def _within(entry: Entry, now: float, horizons: Horizons) -> Entry:
+    """The entry with every promise into the future cut at the node's horizons."""
+    return replace(entry, negative_until=min(entry.negative_until, now + horizons.negative),
+                   txt_expires_at=min(entry.txt_expires_at, now + horizons.txt),
+                   mx_expires_at=min(entry.mx_expires_at, now + horizons.txt),
+                   retry_after=min(entry.retry_after, now + horizons.backoff))
+
+
+def adopt(local: Entry | None, remote: Entry, now: float, horizons: Horizons = Horizons()) -> Entry | None:
     """What the node's cache becomes with `remote` (at the local version, to be written with the
     cache's version check), or None when `remote` adds nothing. IgnoredEntry("downgrade") when it
     would replace the node's usable enforce policy with testing, none or no policy before that
@@ -154,7 +217,9 @@ def adopt(local: Entry | None, remote: Entry, now: float) -> Entry | None:
     The newer policy fetch wins whole (entry.supersedes, the write rule too); for the same fetch,
     the later observations are taken: TXT id checks, MX lookups, negative TTLs and back-offs (one
     node's failed fetch is not repeated by every node). The node's DANE branch and lookup time stay.
+    Nothing is promised beyond the node's `horizons`.
     """
+    remote = _within(remote, now, horizons)
     if local is None:
         return replace(remote, dane=None, version=0)
     if supersedes(remote, local):  # a newer policy fetch (or a policy where the node had none)
