@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import trustme
 import yaml
 
 from mtasts_policyd.store.cache import PolicyCache
@@ -262,6 +263,26 @@ def test_acl_user_in_the_url(rig, start_daemon, tmp_path):
         assert ask(bad, other) == "OK " + secure(other)
         assert health(bad_metrics)["redis"]["state"] == "down"
         assert "s3cret-pass" not in good.logs() and "not-the-pass" not in bad.logs()  # redacted
+
+
+def test_rediss_with_the_fleets_ca(rig, start_daemon, tmp_path):
+    """rediss://: the node verifies Redis's certificate against `cache.redis.ca_file` (a fleet's
+    private CA); without it, against the system's store, which does not know that CA: the node
+    then works alone (Redis down for it), still answering."""
+    ca = trustme.CA(organization_name="fleet test CA")
+    ca_file = tmp_path / "fleet-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with RedisServer(lifetime=300, tls=ca) as server:
+        trusting, _ = node(start_daemon, tmp_path, "trusting", {"url": server.tls_url, "ca_file": str(ca_file)})
+        stranger, stranger_metrics = node(start_daemon, tmp_path, "stranger", {"url": server.tls_url})
+        domain, other = rig.domain("tls"), rig.domain("tls")
+        rig.publish(domain)
+        rig.publish(other)
+        assert ask(trusting, domain) == "OK " + secure(domain)
+        assert server.client().exists(f"{PREFIX}d:{domain}")  # written over TLS
+        assert ask(stranger, other) == "OK " + secure(other)
+        assert not server.client().exists(f"{PREFIX}d:{other}")
+        assert health(stranger_metrics)["redis"]["state"] == "down"
 
 
 @pytest.mark.parametrize("tamper", ["mode-none", "altered-body", "bad-hmac"])

@@ -126,6 +126,8 @@ class RedisConfig:
     # entries are signed with HMAC-SHA256 and unsigned ones ignored; at least 16 characters
     hmac_key: str | None = field(default=None, metadata=limits(min=16, max=1024))
     hmac_key_file: str | None = field(default=None, metadata=limits(min=1))
+    # rediss://: the CA bundle that verifies the Redis servers' certificates; None: the system's store
+    ca_file: str | None = field(default=None, metadata=limits(min=1))
 
     def key(self) -> bytes | None:
         """The HMAC key: `hmac_key`, or the first line of `hmac_key_file` (ValueError: unreadable, short)."""

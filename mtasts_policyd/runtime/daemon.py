@@ -125,7 +125,8 @@ def open_level(config: Config) -> RedisLevel | None:
     if settings is None:
         return None
     return RedisLevel(settings.url, read_url=settings.read_url, read_only=settings.read_only,
-                      prefix=settings.prefix, timeout=settings.timeout, hmac_key=settings.key())
+                      prefix=settings.prefix, timeout=settings.timeout, hmac_key=settings.key(),
+                      ca_file=settings.ca_file)
 
 
 def redacted(url: str) -> str:

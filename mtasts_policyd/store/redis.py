@@ -71,13 +71,15 @@ return 0
 """
 
 
-def client(url: str, timeout: float, name: str = "mtasts-policyd") -> redis.Redis:
+def client(url: str, timeout: float, name: str = "mtasts-policyd", ca_file: str | None = None) -> redis.Redis:
     """A client with no hidden retries and `timeout` on connecting and on every reply
     (`rediss://` for TLS, `redis://user:password@host` for an ACL user: redis-py reads the URL);
-    `name`: what CLIENT LIST shows for its connections."""
+    `name`: what CLIENT LIST shows for its connections; `ca_file`: the CA bundle a rediss://
+    server's certificate must chain to (None: the system's store; the host name is checked)."""
+    tls: dict[str, Any] = {"ssl_ca_certs": ca_file} if ca_file and url.startswith("rediss:") else {}
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                 retry=Retry(NoBackoff(), 0), retry_on_timeout=False, health_check_interval=0,
-                                client_name=name)
+                                client_name=name, **tls)
 
 
 class RedisLevel:
@@ -85,15 +87,15 @@ class RedisLevel:
 
     def __init__(self, url: str, *, read_url: str | None = None, read_only: bool = False,
                  prefix: str = "mtasts:v1:", timeout: float = 0.2, hmac_key: bytes | None = None,
-                 node: str | None = None) -> None:
+                 node: str | None = None, ca_file: str | None = None) -> None:
         self.read_only = read_only
         self.prefix = prefix
         self.hmac_key = hmac_key
         self.node = node or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.timeout = timeout
         name = f"mtasts-policyd/{self.node}"
-        self._read = client(read_url or url, timeout, name)
-        self._write = None if read_only else client(url, timeout, name)
+        self._read = client(read_url or url, timeout, name, ca_file)
+        self._write = None if read_only else client(url, timeout, name, ca_file)
         self._write_script = self._write.register_script(_WRITE) if self._write is not None else None
         self._release_script = self._write.register_script(_RELEASE) if self._write is not None else None
         self._tokens: dict[str, str] = {}  # domain -> the token of the lock this node holds

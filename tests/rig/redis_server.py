@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import redis
+import trustme
 
 from .bounded import BoundedServer
 
@@ -39,16 +40,22 @@ class RedisServer(BoundedServer):
     """redis-server on 127.0.0.1:port; `users`: ACL lines (e.g. "user fleet on >secret ~* &* +@all")."""
 
     def __init__(self, *, lifetime: float = 300, replica_of: RedisServer | None = None,
-                 users: tuple[str, ...] = ()) -> None:
+                 users: tuple[str, ...] = (), tls: trustme.CA | None = None) -> None:
         super().__init__("127.0.0.1", _free_port(), lifetime)
         self.replica_of = replica_of
         self.users = users
+        self.tls = tls  # also listen with TLS on tls_port, with a certificate for 127.0.0.1 from this CA
+        self.tls_port = _free_port() if tls is not None else None
         self.dir = Path(tempfile.mkdtemp(prefix="mtasts-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
 
     def client(self) -> redis.Redis:
         """An admin client (the default user) for the tests' own looks and changes."""
@@ -60,6 +67,14 @@ class RedisServer(BoundedServer):
                 "--logfile", str(self.dir / "redis.log")]
         if self.replica_of is not None:
             argv += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+        if self.tls is not None:
+            cert = self.tls.issue_cert("127.0.0.1")
+            cert.private_key_pem.write_to_path(str(self.dir / "key.pem"))
+            cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+            self.tls.cert_pem.write_to_path(str(self.dir / "ca.pem"))
+            argv += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.dir / "cert.pem"),
+                     "--tls-key-file", str(self.dir / "key.pem"), "--tls-ca-cert-file", str(self.dir / "ca.pem"),
+                     "--tls-auth-clients", "no"]
         if self.users:
             acl = self.dir / "users.acl"
             acl.write_text("user default on nopass ~* &* +@all\n" + "".join(f"{u}\n" for u in self.users))
