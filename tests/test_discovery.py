@@ -447,3 +447,52 @@ def test_mx_of_domain_without_mx_is_no_record(rig, discovery: DnsDiscovery, nega
         discovery.mx_hosts(domain)
 
     assert caught.value.ttl == negative_ttl
+
+
+ADDRESS_AND_MX_CASES = {
+    "records": {"A": ["127.0.0.7", "127.0.0.8"], "MX": ["20 b.mx.{d}.", "10 A.MX.{d}."]},
+    "null-mx": {"A": ["127.0.0.7"], "MX": ["0 ."]},
+    "nodata": {"TXT": ["unrelated"]},
+    "nxdomain": {},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADDRESS_AND_MX_CASES))
+def test_async_addresses_and_mx_give_what_the_sync_forms_give(rig, discovery: DnsDiscovery, case: str) -> None:
+    """RFC 8461 §3.3 (the policy host's addresses) and RFC 5321 §5.1 / RFC 7505 (MX hosts in
+    preference order, the null MX) through dnspython's asyncio resolver, which the daemon asks on
+    its event loop: the answers, TTLs and failures are those of the sync forms."""
+    domain = rig.domain()
+    for rdtype, values in ADDRESS_AND_MX_CASES[case].items():
+        rig.dns.set(domain, rdtype, *(v.format(d=domain) for v in values), ttl=555)
+
+    # The order of the addresses within one RRset means nothing (RFC 2181 §5): compared as sets.
+    assert outcome_of(lambda: set(asyncio.run(discovery.addresses_async(domain, ("A",))))) == \
+        outcome_of(lambda: set(discovery.addresses(domain, ("A",))))
+    assert outcome_of(lambda: asyncio.run(discovery.mx_hosts_async(domain))) == \
+        outcome_of(lambda: discovery.mx_hosts(domain))
+    if case == "records":
+        assert asyncio.run(discovery.mx_hosts_async(domain)) == ([f"a.mx.{domain}", f"b.mx.{domain}"], 555)
+
+
+@pytest.mark.timeout(10)
+def test_async_addresses_and_mx_failures_are_temporary(rig, quick_discovery: DnsDiscovery) -> None:
+    domain = rig.domain()
+    rig.dns.set(domain, "A", "127.0.0.7")
+    rig.dns.set(domain, "MX", f"10 mx.{domain}.")
+    rig.dns.fault(domain, "servfail")
+    try:
+        with pytest.raises(DnsTemporaryFailure):
+            asyncio.run(quick_discovery.addresses_async(domain, ("A",)))
+        with pytest.raises(DnsTemporaryFailure):
+            asyncio.run(quick_discovery.mx_hosts_async(domain))
+    finally:
+        rig.dns.fault(domain, None)
+
+
+def outcome_of(ask) -> tuple:
+    """An answer, or the failure's class, kind and TTL: what callers act on."""
+    try:
+        return "answer", ask()
+    except MtaStsError as exc:
+        return type(exc).__name__, exc.kind, exc.ttl
