@@ -9,6 +9,7 @@ puts it back.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -496,3 +497,33 @@ def outcome_of(ask) -> tuple:
         return "answer", ask()
     except MtaStsError as exc:
         return type(exc).__name__, exc.kind, exc.ttl
+
+
+@pytest.mark.timeout(20)
+def test_async_queries_leave_no_socket_open(rig, quick_discovery: DnsDiscovery) -> None:
+    """The event loop's DNS sockets (net/udp.py) are closed whatever the end of the query: an
+    answer, NXDOMAIN, a timeout (the server never answers), or the lookup cancelled meanwhile."""
+    answered, silent = rig.domain(), rig.domain()
+    rig.dns.set(f"_mta-sts.{answered}", "TXT", "v=STSv1; id=open1")
+    rig.dns.set(f"_mta-sts.{silent}", "TXT", "v=STSv1; id=never")
+    rig.dns.fault(f"_mta-sts.{silent}", "timeout")
+
+    async def ask() -> list[object]:
+        asked = [quick_discovery.sts_record_async(answered) for _ in range(20)]
+        asked += [quick_discovery.sts_record_async(rig.domain()) for _ in range(5)]  # NXDOMAIN
+        asked += [quick_discovery.sts_record_async(silent) for _ in range(3)]
+        results = await asyncio.gather(*asked, return_exceptions=True)
+        abandoned = asyncio.ensure_future(quick_discovery.sts_record_async(silent))
+        await asyncio.sleep(0.1)
+        abandoned.cancel()
+        await asyncio.gather(abandoned, return_exceptions=True)
+        return results
+
+    asyncio.run(quick_discovery.sts_record_async(answered))  # the resolver and its imports are made
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        results = asyncio.run(ask())
+    finally:
+        rig.dns.fault(f"_mta-sts.{silent}", None)
+    assert [type(r).__name__ for r in results] == ["StsAnswer"] * 20 + ["NoRecord"] * 5 + ["DnsTemporaryFailure"] * 3
+    assert len(os.listdir("/proc/self/fd")) == before

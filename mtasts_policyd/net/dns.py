@@ -25,6 +25,9 @@ from mtasts_policyd.core.errors import DnsTemporaryFailure, MtaStsError, NoRecor
 from mtasts_policyd.core.limits import limits
 from mtasts_policyd.core.sts_record import join_strings
 from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
+from mtasts_policyd.net.udp import LeanBackend
+
+_BACKEND = LeanBackend()  # the sockets under the asyncio resolver (udp.py says why)
 
 
 def ip_addresses(names: tuple[str, ...]) -> None:
@@ -148,7 +151,8 @@ class DnsDiscovery:
         if self._async_resolver is None:
             self._async_resolver = _configured(dns.asyncresolver.Resolver, self._settings)
         with _dns_errors(name, rdtype):
-            return await self._async_resolver.resolve(name, rdtype, search=False, raise_on_no_answer=True)
+            return await self._async_resolver.resolve(name, rdtype, search=False, raise_on_no_answer=True,
+                                                      backend=_BACKEND)
 
     async def sts_record_async(self, domain: str) -> StsAnswer:
         """sts_record on the running event loop: same settings, same results."""
