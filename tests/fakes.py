@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import dns.rrset
 
-from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, NoRecord
+from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, MtaStsError, NoRecord
 from mtasts_policyd.net.dnssec import Denial, DnssecAnswer, DnssecDenial, DnssecResult
 from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
 from mtasts_policyd.net.trust import TrustStore
@@ -124,6 +124,12 @@ class FakeDiscovery(_Faults):
         pairs = sorted((int(p), h) for p, h in (str(v).split() for v in values))
         return [host if host == "." else host.lower().rstrip(".") for _, host in pairs], ttl
 
+    async def mx_hosts_async(self, domain: str) -> tuple[list[str], int]:
+        return self.mx_hosts(domain)
+
+    async def addresses_async(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
+        return self.addresses(host, families)
+
     def addresses(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
         found: list[str] = []
         failure: Exception | None = None
@@ -176,7 +182,8 @@ class FakeFetcher:
         with self._lock:
             return self.requests.count(_key(domain))
 
-    def fetch(self, domain: str) -> bytes:
+    def fetch(self, domain: str, ipv4: list[str] | MtaStsError | None = None) -> bytes:
+        """`ipv4` is not looked at: the fake's hosts resolve as `remove(unresolvable=...)` says."""
         host = f"mta-sts.{domain}"
         with self._lock:
             if _key(domain) in self._unresolvable:

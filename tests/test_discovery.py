@@ -9,6 +9,9 @@ puts it back.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +24,7 @@ from mtasts_policyd.core.errors import (
     NoRecord,
 )
 from mtasts_policyd.net.dns import DnsDiscovery, DnsSettings
+from tests.conftest import ROOT
 
 NEGATIVE_TTL = 123  # distinct from the rig's default (60) and from every positive TTL used here
 
@@ -447,3 +451,101 @@ def test_mx_of_domain_without_mx_is_no_record(rig, discovery: DnsDiscovery, nega
         discovery.mx_hosts(domain)
 
     assert caught.value.ttl == negative_ttl
+
+
+ADDRESS_AND_MX_CASES = {
+    "records": {"A": ["127.0.0.7", "127.0.0.8"], "MX": ["20 b.mx.{d}.", "10 A.MX.{d}."]},
+    "null-mx": {"A": ["127.0.0.7"], "MX": ["0 ."]},
+    "nodata": {"TXT": ["unrelated"]},
+    "nxdomain": {},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADDRESS_AND_MX_CASES))
+def test_async_addresses_and_mx_give_what_the_sync_forms_give(rig, discovery: DnsDiscovery, case: str) -> None:
+    """RFC 8461 §3.3 (the policy host's addresses) and RFC 5321 §5.1 / RFC 7505 (MX hosts in
+    preference order, the null MX) through dnspython's asyncio resolver, which the daemon asks on
+    its event loop: the answers, TTLs and failures are those of the sync forms."""
+    domain = rig.domain()
+    for rdtype, values in ADDRESS_AND_MX_CASES[case].items():
+        rig.dns.set(domain, rdtype, *(v.format(d=domain) for v in values), ttl=555)
+
+    # The order of the addresses within one RRset means nothing (RFC 2181 §5): compared as sets.
+    assert outcome_of(lambda: set(asyncio.run(discovery.addresses_async(domain, ("A",))))) == \
+        outcome_of(lambda: set(discovery.addresses(domain, ("A",))))
+    assert outcome_of(lambda: asyncio.run(discovery.mx_hosts_async(domain))) == \
+        outcome_of(lambda: discovery.mx_hosts(domain))
+    if case == "records":
+        assert asyncio.run(discovery.mx_hosts_async(domain)) == ([f"a.mx.{domain}", f"b.mx.{domain}"], 555)
+
+
+@pytest.mark.timeout(10)
+def test_async_addresses_and_mx_failures_are_temporary(rig, quick_discovery: DnsDiscovery) -> None:
+    domain = rig.domain()
+    rig.dns.set(domain, "A", "127.0.0.7")
+    rig.dns.set(domain, "MX", f"10 mx.{domain}.")
+    rig.dns.fault(domain, "servfail")
+    try:
+        with pytest.raises(DnsTemporaryFailure):
+            asyncio.run(quick_discovery.addresses_async(domain, ("A",)))
+        with pytest.raises(DnsTemporaryFailure):
+            asyncio.run(quick_discovery.mx_hosts_async(domain))
+    finally:
+        rig.dns.fault(domain, None)
+
+
+def outcome_of(ask) -> tuple:
+    """An answer, or the failure's class, kind and TTL: what callers act on."""
+    try:
+        return "answer", ask()
+    except MtaStsError as exc:
+        return type(exc).__name__, exc.kind, exc.ttl
+
+
+@pytest.mark.timeout(20)
+def test_async_queries_leave_no_socket_open(rig, quick_discovery: DnsDiscovery) -> None:
+    """The event loop's DNS sockets (net/udp.py) are closed whatever the end of the query: an
+    answer, NXDOMAIN, a timeout (the server never answers), or the lookup cancelled meanwhile."""
+    answered, silent = rig.domain(), rig.domain()
+    rig.dns.set(f"_mta-sts.{answered}", "TXT", "v=STSv1; id=open1")
+    rig.dns.set(f"_mta-sts.{silent}", "TXT", "v=STSv1; id=never")
+    rig.dns.fault(f"_mta-sts.{silent}", "timeout")
+
+    async def ask() -> list[object]:
+        asked = [quick_discovery.sts_record_async(answered) for _ in range(20)]
+        asked += [quick_discovery.sts_record_async(rig.domain()) for _ in range(5)]  # NXDOMAIN
+        asked += [quick_discovery.sts_record_async(silent) for _ in range(3)]
+        results = await asyncio.gather(*asked, return_exceptions=True)
+        abandoned = asyncio.ensure_future(quick_discovery.sts_record_async(silent))
+        await asyncio.sleep(0.1)
+        abandoned.cancel()
+        await asyncio.gather(abandoned, return_exceptions=True)
+        return results
+
+    asyncio.run(quick_discovery.sts_record_async(answered))  # the resolver and its imports are made
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        results = asyncio.run(ask())
+    finally:
+        rig.dns.fault(f"_mta-sts.{silent}", None)
+    assert [type(r).__name__ for r in results] == ["StsAnswer"] * 20 + ["NoRecord"] * 5 + ["DnsTemporaryFailure"] * 3
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_dnspython_without_the_private_backend_falls_back_to_its_own(rig):
+    """net/udp.py builds on dnspython's private backend classes; a dnspython release that moves
+    them must not stop the daemon: net/dns.py then uses dnspython's own asyncio backend, and the
+    asynchronous TXT query still answers."""
+    domain = rig.domain("fallback")
+    rig.publish(domain)
+    script = (
+        "import sys, asyncio\n"
+        "sys.modules['mtasts_policyd.net.udp'] = None  # its import fails, as on a dnspython that moved them\n"
+        "from mtasts_policyd.net import dns as d\n"
+        "assert d._BACKEND is None, d._BACKEND\n"
+        f"discovery = d.DnsDiscovery(d.DnsSettings(nameservers=('127.0.0.1',), port={rig.dns.port}))\n"
+        f"answer = asyncio.run(discovery.sts_record_async({domain!r}))\n"
+        "print(answer.record.text)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "v=STSv1; id=1"

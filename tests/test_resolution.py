@@ -398,3 +398,110 @@ def test_txt_answer_given_by_the_caller_is_used_as_asked(rig, make_resolver, clo
     assert decision.failure.kind is FailureKind.DNS_TEMPORARY and decision.policy is None
     assert resolver.cached(failing)[0].state is CacheState.BACKOFF
     assert txt_queries(rig, failing) == 0
+
+
+# --- the daemon's path: DNS on the event loop, one hand-off to a worker (bench/README.md "Cold path") ---
+
+import threading  # noqa: E402
+
+from mtasts_policyd.net.dns import DnsDiscovery  # noqa: E402
+
+
+class ThreadNoting(DnsDiscovery):
+    """The real discovery, noting which questions were asked in the blocking form, from a thread."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocking: list[tuple[str, str, str]] = []
+
+    def addresses(self, host, families=("A", "AAAA")):
+        self.blocking.append((host, ",".join(families), threading.current_thread().name))
+        return super().addresses(host, families)
+
+    def mx_hosts(self, domain):
+        self.blocking.append((domain, "MX", threading.current_thread().name))
+        return super().mx_hosts(domain)
+
+
+def served(make_resolver, lookup_domains: list[str]) -> tuple[list[Decision], ThreadNoting]:
+    """Lookups through PolicyService (as the daemon makes them), on a resolver over ThreadNoting."""
+    resolver = make_resolver()
+    discovery = ThreadNoting(resolver.discovery._settings)
+    resolver._discovery = resolver._fetcher._discovery = discovery
+    service = PolicyService(resolver, workers=2)
+
+    async def lookups() -> list[Decision]:
+        return [await asyncio.wait_for(service.lookup(domain), 30) for domain in lookup_domains]
+
+    try:
+        return asyncio.run(lookups()), discovery
+    finally:
+        service.close()
+
+
+def test_cold_domain_asks_policy_host_and_mx_on_the_loop_once_each(rig, make_resolver):
+    # RFC 8461 §3.3 (the policy host's address), §4.1 with RFC 5321 §5.1 (the MX hosts that make
+    # "*." answers exact): asked once each, at once, on the event loop; no blocking DNS in a thread.
+    domain = rig.domain()
+    rig.publish(domain, WILD)
+    rig.dns.set(domain, "MX", f"20 b.mx.{domain}.", f"10 a.mx.{domain}.", f"30 a.b.mx.{domain}.")
+    (decision,), discovery = served(make_resolver, [domain])
+    assert decision.mode is Mode.ENFORCE and decision.state is CacheState.MISS
+    assert decision.mx_hosts == (f"a.mx.{domain}", f"b.mx.{domain}", f"a.b.mx.{domain}")
+    assert tls_policy(decision, MapOptions()) == f"secure match=a.mx.{domain}:b.mx.{domain} servername=hostname"
+    assert [rig.dns.count(name, rdtype) for name, rdtype in
+            ((f"_mta-sts.{domain}", "TXT"), (f"mta-sts.{domain}", "A"), (f"mta-sts.{domain}", "AAAA"),
+             (domain, "MX"))] == [1, 1, 0, 1]
+    assert discovery.blocking == [] and rig.https.count(domain) == 1
+
+
+def test_no_ipv4_on_the_loop_falls_back_to_ipv6_in_the_worker(rig, make_resolver):
+    # RFC 8461 §3.3: the A lookup made on the loop found nothing, so the fetch asks for AAAA (::1,
+    # where nothing listens on the rig's port: a fetch error, not "does not resolve").
+    domain = rig.domain()
+    rig.publish(domain)
+    rig.dns.remove(f"mta-sts.{domain}", "A")
+    rig.dns.set(f"mta-sts.{domain}", "AAAA", "::1")
+    (decision,), discovery = served(make_resolver, [domain])
+    assert decision.policy is None and decision.failure.kind is FailureKind.FETCH_ERROR
+    assert "does not resolve" not in decision.failure.detail
+    assert (rig.dns.count(f"mta-sts.{domain}", "A"), rig.dns.count(f"mta-sts.{domain}", "AAAA")) == (1, 1)
+    assert [(host, families) for host, families, _ in discovery.blocking] == [(f"mta-sts.{domain}", "AAAA")]
+
+
+def test_mx_failure_on_the_loop_keeps_the_plain_patterns(rig, make_resolver):
+    # A failed MX lookup never costs the policy: the answer uses the policy's own patterns.
+    domain = rig.domain()
+    rig.publish(domain, WILD)
+    rig.dns.set(domain, "MX", f"10 a.mx.{domain}.")
+    rig.dns.fault(domain, "servfail")
+    try:
+        (decision,), discovery = served(make_resolver, [domain])
+    finally:
+        rig.dns.fault(domain, None)
+    assert decision.mode is Mode.ENFORCE and decision.mx_hosts is None
+    assert tls_policy(decision, MapOptions()) == f"secure match=.mx.{domain} servername=hostname"
+    assert discovery.blocking == []
+
+
+def test_look_ahead_asks_only_what_the_resolution_will_use(rig, make_resolver, clock):
+    # RFC 8461 §3.3: an unchanged id is not fetched, so its policy host is not looked up; MX hosts
+    # only for a policy with "*." patterns (or none known yet), when the fetch or the MX TTL wants them.
+    wild, plain = rig.domain(), rig.domain()
+    rig.publish(wild, WILD, ttl=3600)
+    rig.dns.set(wild, "MX", f"10 a.mx.{wild}.", ttl=600)
+    rig.publish(plain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n", ttl=3600)
+    resolver = make_resolver(txt_ttl_max=3600)
+    answers = {d: resolver.discovery.sts_record(d) for d in (wild, plain)}
+    assert resolver.look_ahead(wild, answers[wild]) == (True, True)  # nothing cached
+    for domain in (wild, plain):
+        resolver.resolve(domain, txt=answers[domain])
+    assert resolver.look_ahead(wild, answers[wild]) == (False, False)
+    assert resolver.look_ahead(plain, answers[plain]) == (False, False)
+    rig.publish(wild, WILD, id="2", ttl=3600)
+    rig.publish(plain, "version: STSv1\nmode: enforce\nmx: mx1.{d}\nmax_age: 86400\n", id="2", ttl=3600)
+    changed = {d: resolver.discovery.sts_record(d) for d in (wild, plain)}
+    assert resolver.look_ahead(wild, changed[wild]) == (True, True)
+    assert resolver.look_ahead(plain, changed[plain]) == (True, False)
+    clock.advance(601)  # the MX TTL has passed; the id has not changed
+    assert resolver.look_ahead(wild, answers[wild]) == (False, True)

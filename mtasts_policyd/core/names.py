@@ -93,3 +93,8 @@ def mail_hosts(domain: str, exchanges: Sequence[str] | None) -> tuple[str, ...]:
         if host and host not in hosts:
             hosts.append(host)
     return tuple(hosts)
+
+
+def policy_host(domain: str) -> str:
+    """RFC 8461 §3.3: the host that serves `domain`'s policy, mta-sts.<domain>."""
+    return f"mta-sts.{domain}"

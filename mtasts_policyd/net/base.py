@@ -84,6 +84,14 @@ class Discovery(Protocol):
         NoRecord if it has none of them."""
         ...
 
+    async def addresses_async(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
+        """addresses on the running event loop (the daemon asks the policy host's A records there)."""
+        ...
+
+    async def mx_hosts_async(self, domain: str) -> tuple[list[str], int]:
+        """mx_hosts on the running event loop (the daemon asks it there, beside the addresses)."""
+        ...
+
 
 class Fetcher(Protocol):
     """The HTTPS GET of a policy (RFC 8461 §3.3). Thread-safe."""
@@ -93,6 +101,8 @@ class Fetcher(Protocol):
         """The CAs the policy hosts are verified against (the start-up log and `query` show it)."""
         ...
 
-    def fetch(self, domain: str) -> bytes:
-        """The raw policy body of `domain`; FetchError or CertificateInvalid, nothing else."""
+    def fetch(self, domain: str, ipv4: list[str] | MtaStsError | None = None) -> bytes:
+        """The raw policy body of `domain`; FetchError or CertificateInvalid, nothing else.
+        `ipv4`: the policy host's A lookup when the caller already made it (its addresses, or its
+        failure); None asks here."""
         ...

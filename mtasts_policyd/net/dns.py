@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -25,6 +25,16 @@ from mtasts_policyd.core.errors import DnsTemporaryFailure, MtaStsError, NoRecor
 from mtasts_policyd.core.limits import limits
 from mtasts_policyd.core.sts_record import join_strings
 from mtasts_policyd.net.base import StsAnswer, TlsRptAnswer, sts_answer, tlsrpt_answer
+
+# The sockets under the asyncio resolver (udp.py says why). udp.py builds on dnspython's private
+# backend classes: should a dnspython release move them, the daemon uses dnspython's own backend
+# (the same answers, a little more CPU per query) instead of failing to start.
+_BACKEND: Any
+try:
+    from mtasts_policyd.net.udp import LeanBackend
+    _BACKEND = LeanBackend()
+except (ImportError, AttributeError):
+    _BACKEND = None
 
 
 def ip_addresses(names: tuple[str, ...]) -> None:
@@ -121,6 +131,9 @@ class DnsDiscovery:
     The `_mta-sts` TXT query also has an asyncio form (`sts_record_async`) for the daemon: it is
     the first step of every resolution and the one that hangs for domains whose DNS never
     answers, so on the event loop a flood of those costs sockets and timers, not worker threads.
+    The policy host's addresses and the MX hosts have asyncio forms too (`addresses_async`,
+    `mx_hosts_async`): the daemon asks them on the loop, at once, before its one hand-off to a
+    worker thread (net/lookup.py `look_ahead`; bench/README.md "Cold path" has the figures).
     Both forms share one mapping from DNS answers and errors to results (`_dns_errors`, base.sts_answer).
     """
 
@@ -140,14 +153,17 @@ class DnsDiscovery:
         """RFC 8461 §3.1: the policy record of `domain`; CNAMEs are followed by the resolver."""
         return sts_answer(*self._txt(_sts_name(domain)))
 
-    async def sts_record_async(self, domain: str) -> StsAnswer:
-        """sts_record on the running event loop (dnspython's asyncio resolver): same settings, same results."""
+    async def _query_async(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """_query on the running event loop (dnspython's asyncio resolver): same settings, same errors."""
         if self._async_resolver is None:
             self._async_resolver = _configured(dns.asyncresolver.Resolver, self._settings)
-        name = _sts_name(domain)
-        with _dns_errors(name, "TXT"):
-            answer = await self._async_resolver.resolve(name, "TXT", search=False, raise_on_no_answer=True)
-        return sts_answer(*_txt_rrs(answer))
+        with _dns_errors(name, rdtype):
+            return await self._async_resolver.resolve(name, rdtype, search=False, raise_on_no_answer=True,
+                                                      backend=_BACKEND)
+
+    async def sts_record_async(self, domain: str) -> StsAnswer:
+        """sts_record on the running event loop: same settings, same results."""
+        return sts_answer(*_txt_rrs(await self._query_async(_sts_name(domain), "TXT")))
 
     def tlsrpt_record(self, domain: str) -> TlsRptAnswer:
         """RFC 8460 §3: where `domain` wants TLS reports; failures map exactly as for sts_record."""
@@ -162,11 +178,19 @@ class DnsDiscovery:
             try:
                 found.extend(rdata.address for rdata in self._query(f"{host}.", rdtype))
             except MtaStsError as exc:
-                failure = failure if isinstance(failure, DnsTemporaryFailure) else exc
-        if found:
-            return found
-        assert failure is not None
-        raise failure
+                failure = _worse(failure, exc)
+        return _addresses_or_failure(found, failure)
+
+    async def addresses_async(self, host: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
+        """addresses on the running event loop: same settings, same results."""
+        found: list[str] = []
+        failure: MtaStsError | None = None
+        for rdtype in families:
+            try:
+                found.extend(rdata.address for rdata in await self._query_async(f"{host}.", rdtype))
+            except MtaStsError as exc:
+                failure = _worse(failure, exc)
+        return _addresses_or_failure(found, failure)
 
     def root_servers(self) -> list[str]:
         """The root zone's NS names: `doctor`'s proof that the configured resolver answers at all
@@ -175,10 +199,29 @@ class DnsDiscovery:
 
     def mx_hosts(self, domain: str) -> tuple[list[str], int]:
         """MX host names in preference order (RFC 5321 §5.1), and how long the answer may be kept."""
-        answer = self._query(f"{domain}.", "MX")
-        hosts = sorted(answer, key=lambda rdata: rdata.preference)
-        ttl = _answer_ttl(answer)
-        return [rdata.exchange.to_text(omit_final_dot=True).lower() for rdata in hosts], ttl
+        return _mx_of(self._query(f"{domain}.", "MX"))
+
+    async def mx_hosts_async(self, domain: str) -> tuple[list[str], int]:
+        """mx_hosts on the running event loop: same settings, same results."""
+        return _mx_of(await self._query_async(f"{domain}.", "MX"))
+
+
+def _worse(failure: MtaStsError | None, exc: MtaStsError) -> MtaStsError:
+    """Of two failures, the one to report: "could not ask" outweighs "has no such record"."""
+    return failure if isinstance(failure, DnsTemporaryFailure) else exc
+
+
+def _addresses_or_failure(found: list[str], failure: MtaStsError | None) -> list[str]:
+    if found:
+        return found
+    assert failure is not None
+    raise failure
+
+
+def _mx_of(answer: dns.resolver.Answer) -> tuple[list[str], int]:
+    """An MX answer's host names in preference order (RFC 5321 §5.1) and its TTL."""
+    hosts = sorted(answer, key=lambda rdata: rdata.preference)
+    return [rdata.exchange.to_text(omit_final_dot=True).lower() for rdata in hosts], _answer_ttl(answer)
 
 
 def _sts_name(domain: str) -> str:

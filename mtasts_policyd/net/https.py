@@ -18,6 +18,7 @@ from typing import Any
 
 from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, MtaStsError
 from mtasts_policyd.core.limits import limits
+from mtasts_policyd.core.names import policy_host
 from mtasts_policyd.net.base import Discovery
 from mtasts_policyd.net.trust import TrustStore, trust_store
 
@@ -127,20 +128,26 @@ class PolicyFetcher:
         self.trust = trust_store(settings.ca_file)  # decided once: the start-up log and query show it
         self._context = tls_context(self.trust)
 
-    def fetch(self, domain: str) -> bytes:
+    def fetch(self, domain: str, ipv4: list[str] | MtaStsError | None = None) -> bytes:
         """The raw policy body of `domain`, or a FetchError / CertificateInvalid.
 
         RFC 8461 §3.3 names a host, mta-sts.<domain>: its IPv4 addresses are tried first, and its
         IPv6 addresses are asked for only when IPv4 gave none that accepts a connection (no A
         record, a failed A lookup, or every address refusing). The same addresses in the same
         order as asking for both at once, one DNS query fewer for nearly every fetch.
+        `ipv4`: the A lookup already made by the caller (the daemon makes it on its event loop).
         """
-        host = f"mta-sts.{domain}"
+        host = policy_host(domain)
         unresolved: MtaStsError | None = None
         refused: FetchError | None = None
         for family in ADDRESS_FAMILIES:
             try:
-                addresses = self._discovery.addresses(host, (family,))
+                if family == "A" and ipv4 is not None:
+                    if isinstance(ipv4, MtaStsError):
+                        raise ipv4
+                    addresses = ipv4
+                else:
+                    addresses = self._discovery.addresses(host, (family,))
             except MtaStsError as exc:  # "could not ask" outweighs "has no such record"
                 unresolved = unresolved if isinstance(unresolved, DnsTemporaryFailure) else exc
                 continue

@@ -34,7 +34,7 @@ from mtasts_policyd.core.limits import limits
 from mtasts_policyd.core.overrides import Override
 from mtasts_policyd.core.policy import Mode, Policy
 from mtasts_policyd.net.base import Discovery, Fetcher, StsAnswer
-from mtasts_policyd.net.lookup import get_policy, mail_hosts
+from mtasts_policyd.net.lookup import Ahead, MailHosts, get_policy, mail_hosts
 from mtasts_policyd.net.trust import TrustStore
 from mtasts_policyd.resolution.dane import DaneGate, Need
 from mtasts_policyd.store.cache import PolicyCache
@@ -329,7 +329,22 @@ class PolicyResolver:
     def discovery(self) -> Discovery:
         return self._discovery
 
-    def resolve(self, domain: str, refetch: bool = False, txt: StsAnswer | MtaStsError | None = None) -> Resolution:
+    def look_ahead(self, domain: str, txt: StsAnswer) -> tuple[bool, bool]:
+        """What the daemon may ask on its event loop before `resolve(domain, txt=txt)` (net/lookup.py
+        `look_ahead`): (the policy host's addresses: the policy is going to be fetched; the MX hosts:
+        `_refresh_mx` will want them, or may, as nothing usable is cached yet)."""
+        now = self._clock()
+        if self._overridden(domain, now) is not None:
+            return False, False
+        entry = self.cache.get(domain) or Entry(domain)
+        fetch = txt.record.id != self._known_id(entry, now, False)
+        usable = entry.usable_policy(now)
+        if usable is None:
+            return fetch, fetch
+        return fetch, usable.has_wildcards and (fetch or now >= entry.mx_expires_at)
+
+    def resolve(self, domain: str, refetch: bool = False, txt: StsAnswer | MtaStsError | None = None,
+                ahead: Ahead | None = None) -> Resolution:
         """Ask DNS (and HTTPS when needed) now, update the cache, return the resulting decision
         and what was done to get it.
 
@@ -337,6 +352,8 @@ class PolicyResolver:
         that max_age restarts from this fetch.
         `txt`: the `_mta-sts` TXT answer (or its failure) when the caller already asked for it (the
         daemon asks on its event loop, `Discovery.sts_record_async`); None asks here.
+        `ahead`: the policy host's A lookup and the MX hosts when the daemon asked for them on its
+        event loop (`look_ahead`); whatever it does not hold is asked here, when needed.
         An overridden domain asks nothing: its resolution is UNCHANGED with the override's decision.
         """
         now = self._clock()
@@ -344,8 +361,9 @@ class PolicyResolver:
         if overridden is not None:
             return Resolution(overridden, Outcome.UNCHANGED)
         before = self.cache.get(domain) or Entry(domain)
-        entry, outcome = self._refresh_policy(before, now, refetch, txt)
-        entry = self.commit(self._refresh_mx(entry, now))
+        ahead = ahead or Ahead()
+        entry, outcome = self._refresh_policy(before, now, refetch, txt, ahead.ipv4)
+        entry = self.commit(self._refresh_mx(entry, now, ahead.mx))
         if self.fleet is not None:
             self.fleet.publish(entry)  # README "Fleet (Redis)": the fleet learns what this node found
         decision = decision_from(entry, now, CacheState.MISS, self.dane)
@@ -368,16 +386,22 @@ class PolicyResolver:
         log.error("cache domain=%s kept changing under us; this result was not stored", entry.domain)
         return entry
 
+    def _known_id(self, entry: Entry, now: float, refetch: bool) -> str | None:
+        """The id of the cached policy that needs no fetch while the TXT record names it."""
+        # RFC 8461 §3.3: an unchanged id needs no fetch, unless §10.2's regular refetch is due.
+        if entry.usable_policy(now) is None or refetch or entry.refetch_due(now, self.settings.refresh_after):
+            return None
+        return entry.policy_id
+
     def _refresh_policy(self, entry: Entry, now: float, refetch: bool = False,
-                        txt: StsAnswer | MtaStsError | None = None) -> tuple[Entry, Outcome]:
+                        txt: StsAnswer | MtaStsError | None = None,
+                        ipv4: list[str] | MtaStsError | None = None) -> tuple[Entry, Outcome]:
         """The entry after asking DNS (and HTTPS when needed), and what happened."""
         usable = entry.usable_policy(now)
         s = self.settings
-        # RFC 8461 §3.3: an unchanged id needs no fetch, unless §10.2's regular refetch is due.
-        keep_id = entry.policy_id if usable is not None and not refetch \
-            and not entry.refetch_due(now, s.refresh_after) else None
         try:
-            found = get_policy(entry.domain, self._discovery, self._fetcher, txt, known_id=keep_id)
+            found = get_policy(entry.domain, self._discovery, self._fetcher, txt,
+                               known_id=self._known_id(entry, now, refetch), ipv4=ipv4)
         except (NoRecord, InvalidRecord) as exc:
             if usable is not None:
                 # RFC 8461 §5.1: a missing or broken TXT record does not remove a cached policy.
@@ -404,19 +428,22 @@ class PolicyResolver:
         changed = entry.policy_id not in (None, answer.record.id)
         return fresh, Outcome.CHANGED if changed else Outcome.FETCHED
 
-    def _refresh_mx(self, entry: Entry, now: float) -> Entry:
+    def _refresh_mx(self, entry: Entry, now: float, asked: MailHosts | MtaStsError | None = None) -> Entry:
         """Keep the MX host names of a domain whose policy has "*." patterns, in step with the MX TTL.
 
         Postfix before 3.10.5 reads a match pattern ".mx.example" as any depth below mx.example, while
         RFC 8461 §4.1 allows exactly one label; answering with the current MX hosts that match makes
-        the answer exact (postfix.py).
+        the answer exact (postfix.py). `asked`: the MX answer (or its failure) when the daemon
+        already asked (`Ahead.mx`); None asks here.
         """
         policy = entry.usable_policy(now, resolving=True)
         if policy is None or not policy.has_wildcards or now < entry.mx_expires_at:
             return entry
         s = self.settings
         try:
-            hosts, ttl = mail_hosts(self._discovery, entry.domain)  # RFC 5321 §5.1, RFC 7505
+            if isinstance(asked, MtaStsError):
+                raise asked
+            hosts, ttl = asked or mail_hosts(self._discovery, entry.domain)  # RFC 5321 §5.1, RFC 7505
         except MtaStsError as exc:
             log.warning("mx domain=%s lookup failed: %s; keeping %s", entry.domain, exc.detail,
                         " ".join(entry.mx_hosts) if entry.mx_hosts else "the plain patterns")

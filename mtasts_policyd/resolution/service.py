@@ -4,11 +4,13 @@ Cache hits are answered on the event loop without touching a thread. A miss is o
 shared by every lookup of that domain (one DNS query, one HTTPS fetch), whether it is a foreground
 miss or a background refresh. It does what is due of the domain's two halves, at once:
 
-- MTA-STS, in two steps: the `_mta-sts` TXT query, on the event loop (dnspython's asyncio
-  resolver): it is where domains whose DNS never answers spend their time, and there they cost a
-  socket and a timer, not a worker thread, so a flood of them cannot hold up anybody else's
-  lookup; then the rest of the algorithm (`PolicyResolver.resolve` with that answer: HTTPS fetch,
-  MX lookup, cache write) in a bounded pool of worker threads;
+- MTA-STS, in two steps: the DNS questions on the event loop (dnspython's asyncio resolver):
+  the `_mta-sts` TXT query, then, when a policy is to be fetched, the policy host's A records and
+  the MX hosts at once (`PolicyResolver.look_ahead`). DNS is where domains whose DNS never answers
+  spend their time, and there they cost a socket and a timer, not a worker thread, so a flood of
+  them cannot hold up anybody else's lookup; then the rest of the algorithm
+  (`PolicyResolver.resolve` with those answers: HTTPS fetch, cache write) in a bounded pool of
+  worker threads: one hand-off per resolution;
 - DANE (resolution/dane.py), where it applies: the MX, address and TLSA questions, all on the
   event loop, then one cache write in a worker thread beside the MTA-STS half.
 
@@ -26,6 +28,7 @@ import time
 
 from mtasts_policyd.core.errors import Failure, FailureKind, MtaStsError
 from mtasts_policyd.net.base import StsAnswer
+from mtasts_policyd.net.lookup import look_ahead
 from mtasts_policyd.resolution.resolver import CacheState, Decision, Outcome, PolicyResolver, Resolution
 from mtasts_policyd.resolution.workers import DaemonThreadPool, in_thread
 from mtasts_policyd.store.base import PruneSettings
@@ -172,12 +175,18 @@ class PolicyService:
             if shared is not None:
                 return Resolution(shared, Outcome.UNCHANGED)
         txt: StsAnswer | MtaStsError
+        resolver = self.resolver
         try:
-            txt = await self.resolver.discovery.sts_record_async(domain)
+            txt = await resolver.discovery.sts_record_async(domain)
         except MtaStsError as exc:
             txt = exc  # no record, invalid record or a DNS failure: the resolver decides what it means
+        ahead = None
+        if isinstance(txt, StsAnswer):  # the policy host's address and the MX hosts, at once, on the loop
+            ipv4, mx = resolver.look_ahead(domain, txt)
+            if ipv4 or mx:
+                ahead = await look_ahead(resolver.discovery, domain, ipv4, mx)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.resolver.resolve, domain, False, txt)
+        return await loop.run_in_executor(self._executor, resolver.resolve, domain, False, txt, ahead)
 
     def _forget(self, flight: Flight) -> None:
         if self._pending.get(flight.domain) is flight:
