@@ -178,6 +178,18 @@ def _clamp(value: int | None, low: int, high: int) -> int:
     return max(low, min(high, value if value is not None else low))
 
 
+def cache_state(entry: Entry, now: float) -> CacheState | None:
+    """What the cache can answer for the entry at `now` without the network: its usable policy
+    (HIT), a negative answer in force (NEGATIVE), a back-off in force (BACKOFF); None: nothing."""
+    if entry.usable_policy(now) is not None:
+        return CacheState.HIT
+    if now < entry.negative_until:
+        return CacheState.NEGATIVE
+    if now < entry.retry_after:
+        return CacheState.BACKOFF
+    return None
+
+
 def decision_from(entry: Entry, now: float, state: CacheState, dane: DaneGate | None = None) -> Decision:
     """The decision at `now`; a MISS is the resolution that just ran, which applies what it fetched.
     `dane`: the daemon's DANE gate, which says what of the entry's DANE branch applies."""
@@ -259,17 +271,10 @@ class PolicyResolver:
             if decision is not None:
                 return decision, False
         entry = self.cache.get(domain)
-        if entry is None:
+        state = cache_state(entry, now) if entry is not None else None
+        if entry is None or state is None:
             return None, False
-        if entry.usable_policy(now) is not None:
-            state = CacheState.HIT
-            due = now >= entry.retry_after and entry.refresh_due(now, self.settings.refresh_after)
-        elif now < entry.negative_until:
-            state, due = CacheState.NEGATIVE, False
-        elif now < entry.retry_after:
-            state, due = CacheState.BACKOFF, False
-        else:
-            return None, False
+        due = state is CacheState.HIT and entry.due(now, self.settings.refresh_after)
         if self.dane is not None:
             need = self.dane.need(entry.dane, now)
             if need is Need.WAIT:
@@ -279,9 +284,7 @@ class PolicyResolver:
 
     def answer(self, entry: Entry, now: float) -> Decision:
         """The decision for an entry that is not due (a fleet's shared entry): as from the cache."""
-        state = CacheState.HIT if entry.usable_policy(now) is not None else \
-            CacheState.NEGATIVE if now < entry.negative_until else CacheState.BACKOFF
-        return decision_from(entry, now, state, self.dane)
+        return decision_from(entry, now, cache_state(entry, now) or CacheState.BACKOFF, self.dane)
 
     def _decision(self, entry: Entry, now: float, state: CacheState) -> Decision:
         """decision_from, built once per entry, state and DANE state (valid while none changes)."""

@@ -185,8 +185,8 @@ class PolicyService:
             ipv4, mx = resolver.look_ahead(domain, txt)
             if ipv4 or mx:
                 ahead = await look_ahead(resolver.discovery, domain, ipv4, mx)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, resolver.resolve, domain, False, txt, ahead)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, resolver.resolve, domain, False,
+                                                                txt, ahead)
 
     def _forget(self, flight: Flight) -> None:
         if self._pending.get(flight.domain) is flight:

@@ -106,9 +106,10 @@ def attach_fleet(config: Config, resolver: PolicyResolver, *, listen: bool = Fal
     without one; `listen`: merge other nodes' writes as they come (the daemon). Nothing is asked
     here: a Redis that is down is found out, and skipped, at the first resolution."""
     settings = config.cache.redis
-    level = open_level(config)
-    if settings is None or level is None:
+    if settings is None:
         return None
+    level = open_level(config)
+    assert level is not None
     # The lock outlives one fetch a little: a holder that died frees the domain after it.
     fleet = Fleet(level, resolver, lock_ttl=config.fetch.timeout + 1.0, node=level.node)
     resolver.fleet = fleet

@@ -87,20 +87,28 @@ class Entry:
             return EntryState.FAILING
         return EntryState.EXPIRED
 
-    def refetch_due(self, now: float, refresh_after: float) -> bool:
-        """RFC 8461 §10.2: fetch the policy again at least every `refresh_after` seconds (daily by
-        default), and within half of a short max_age, whether or not its id changed; a domain
-        without a policy is always due."""
+    def refetch_at(self, refresh_after: float) -> float:
+        """RFC 8461 §10.2: when the policy is to be fetched again, whether or not its id changed:
+        `refresh_after` seconds after its fetch (daily by default), or half a short max_age; a
+        domain without a policy at once (-inf)."""
         if self.fetched_at is None or self.policy is None:
-            return True
-        return now >= self.fetched_at + min(refresh_after, self.policy.max_age / 2)
+            return float("-inf")
+        return self.fetched_at + min(refresh_after, self.policy.max_age / 2)
+
+    def refetch_due(self, now: float, refresh_after: float) -> bool:
+        return now >= self.refetch_at(refresh_after)
+
+    def refresh_at(self, refresh_after: float) -> float:
+        """When a background refresh of the policy is due: the TXT id's TTL has passed (RFC 8461
+        §5.1 checks the id), a refetch is due (§10.2), or the MX hosts of a policy with "*."
+        patterns have to be looked up again."""
+        at = min(self.txt_expires_at, self.refetch_at(refresh_after))
+        if self.policy is not None and self.policy.has_wildcards:
+            at = min(at, self.mx_expires_at)
+        return at
 
     def refresh_due(self, now: float, refresh_after: float) -> bool:
-        """Whether a background refresh of a usable policy is due: the TXT id's TTL has passed
-        (RFC 8461 §5.1 checks the id), a refetch is due (§10.2), or the MX hosts of a policy with
-        "*." patterns have to be looked up again."""
-        return now >= self.txt_expires_at or self.refetch_due(now, refresh_after) or (
-            self.policy is not None and self.policy.has_wildcards and now >= self.mx_expires_at)
+        return now >= self.refresh_at(refresh_after)
 
     def due(self, now: float, refresh_after: float) -> bool:
         """Whether a resolution at `now` would ask the network: a usable policy whose refresh is
@@ -116,13 +124,8 @@ class Entry:
         """When due() turns true, as a time (the order of the fleet's warmer index, store/redis.py):
         the refresh of a policy (TXT TTL, §10.2 refetch, MX), or its expiry, or the end of the
         negative TTL; never before a back-off ends."""
-        start = self.negative_until
         expires = self.expires_at
-        if expires is not None and self.fetched_at is not None and self.policy is not None:
-            refresh = min(self.txt_expires_at, self.fetched_at + min(refresh_after, self.policy.max_age / 2))
-            if self.policy.has_wildcards:
-                refresh = min(refresh, self.mx_expires_at)
-            start = min(refresh, expires)
+        start = self.negative_until if expires is None else min(self.refresh_at(refresh_after), expires)
         return max(start, self.retry_after)
 
     def ends_at(self) -> float:
