@@ -6,6 +6,7 @@ HTTP client code paths are tested unchanged; only the addresses point at loopbac
 
 from .dns_server import DnsServer
 from .policy_server import PolicyServer, make_ca
+from .scripted_dns import Datagram, ScriptedDns
 from .smtp_server import SmtpServer
 
-__all__ = ["DnsServer", "PolicyServer", "SmtpServer", "make_ca"]
+__all__ = ["Datagram", "DnsServer", "PolicyServer", "ScriptedDns", "SmtpServer", "make_ca"]

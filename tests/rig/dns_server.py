@@ -327,12 +327,17 @@ class DnsServer(BoundedServer):
                 continue
             except OSError:
                 return  # socket closed by stop()
-            reply = self._safe_answer(wire, udp=True)
-            if reply is not None:
+            for sock, reply in self._udp_replies(wire):
                 try:
-                    self._udp.sendto(reply, peer)
+                    sock.sendto(reply, peer)
                 except OSError:
                     pass
+
+    def _udp_replies(self, wire: bytes) -> list[tuple[socket.socket, bytes]]:
+        """The datagrams to send back for a UDP query, each with the socket it leaves from."""
+        assert self._udp is not None
+        reply = self._safe_answer(wire, udp=True)
+        return [] if reply is None else [(self._udp, reply)]
 
     def _serve_tcp(self) -> None:
         assert self._tcp is not None
