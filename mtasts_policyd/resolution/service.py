@@ -4,7 +4,7 @@ Cache hits are answered on the event loop without touching a thread. A miss is o
 shared by every lookup of that domain (one DNS query, one HTTPS fetch), whether it is a foreground
 miss or a background refresh. It does what is due of the domain's two halves, at once:
 
-- MTA-STS, in two steps: the DNS questions on the event loop (dnspython's asyncio resolver):
+- MTA-STS, in two steps: the DNS questions on the event loop (the DNS stub of net/udp.py):
   the `_mta-sts` TXT query, then, when a policy is to be fetched, the policy host's A records and
   the MX hosts at once (`PolicyResolver.look_ahead`). DNS is where domains whose DNS never answers
   spend their time, and there they cost a socket and a timer, not a worker thread, so a flood of
