@@ -2,8 +2,8 @@
 
 Why: the rules above the network (RFC 8461 §3.3, §5.1, §10.2 in resolution; the survey's rows)
 are worth testing in milliseconds, and DANE will need the same DNS questions. The way httpx has a
-transport base class and a mock transport, `DnsDiscovery` (dnspython, dns.py) and `PolicyFetcher`
-(requests, https.py) are the real implementations and tests/fakes.py has in-memory ones.
+transport base class and a mock transport, `DnsDiscovery` (dnspython, and our own stub on the event loop; dns.py) and `PolicyFetcher`
+(http.client on a TLS socket of our own, https.py) are the real implementations and tests/fakes.py has in-memory ones.
 
 The contract every implementation keeps: data comes back with the TTL it may be kept for, and
 every failure is one of the taxonomy's exceptions (core/errors.py), "the domain says no"

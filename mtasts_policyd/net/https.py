@@ -14,7 +14,6 @@ import ssl
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
 
 from mtasts_policyd.core.errors import CertificateInvalid, DnsTemporaryFailure, FetchError, MtaStsError
 from mtasts_policyd.core.limits import limits
