@@ -59,7 +59,7 @@ def outcome(ask) -> tuple:
 
 def stub_meaning(wire: bytes, name: str, rdtype: str) -> tuple:
     """What the stub makes of `wire` (WireError raised): net/udp.py's rule on the rcode, then the mapping."""
-    reply = dnswire.decode_reply(wire, QID, name, dnswire.QTYPES[rdtype])
+    reply = dnswire.decode_reply(wire, QID, dnswire.question(name, dnswire.QTYPES[rdtype]))
     if reply.truncated:
         return ("truncated",)
     if not reply.answered:
@@ -99,7 +99,7 @@ def test_query_is_what_dnspython_sends(name: str, rdtype: str, edns: int, payloa
     expected.id = 0xBEEF
     expected.use_edns(edns, ednsflags, payload)
 
-    assert dnswire.encode_query(0xBEEF, name, dnswire.QTYPES[rdtype], edns, payload, ednsflags) == expected.to_wire()
+    assert dnswire.encode_query(0xBEEF, dnswire.question(name, dnswire.QTYPES[rdtype]), edns, payload, ednsflags) == expected.to_wire()
 
 
 @pytest.mark.parametrize("name", [
@@ -117,7 +117,7 @@ def test_a_name_beyond_plain_labels_is_left_to_dnspython(name: str) -> None:
     """Only plain ASCII letters, digits, "-" and "_" in 1-63 octet labels, 255 octets in all (RFC
     1035 §2.3.4), are encoded here; escapes, IDNA and everything else are dnspython's."""
     with pytest.raises(dnswire.Unsupported):
-        dnswire.encode_query(1, name, TXT)
+        dnswire.encode_query(1, dnswire.question(name, TXT))
 
 
 def test_the_longest_name_is_encoded() -> None:
@@ -154,12 +154,12 @@ def test_a_datagram_that_is_not_the_reply_is_told_apart(wire: bytes, name: str) 
     a response to a QUERY, RFC 1035 §4.1.1); anything else is not the reply, and the transport
     waits on (dnspython's is_response makes the same checks)."""
     with pytest.raises(dnswire.NotTheReply):
-        dnswire.decode_reply(wire, QID, name, TXT)
+        dnswire.decode_reply(wire, QID, dnswire.question(name, TXT))
 
 
 def test_the_question_name_compares_case_insensitively() -> None:
     """RFC 4343 §3: the echoed question and the owners may differ in case from what was asked."""
-    reply = dnswire.decode_reply(CASES["txt-upper-case-owners"].wire, QID, TXT_NAME, TXT)
+    reply = dnswire.decode_reply(CASES["txt-upper-case-owners"].wire, QID, dnswire.question(TXT_NAME, TXT))
     assert reply.rrs == (b"v=STSv1; id=up",)
 
 
@@ -241,7 +241,7 @@ def test_a_malformed_reply_is_a_wire_error(case: str) -> None:
     chain rules, its resolver does)."""
     wire = MALFORMED[case]
     with pytest.raises(dnswire.WireError) as caught:
-        dnswire.decode_reply(wire, QID, TXT_NAME, TXT)
+        dnswire.decode_reply(wire, QID, dnswire.question(TXT_NAME, TXT))
 
     assert type(caught.value) in (dnswire.WireError, dnswire.NotTheReply)
     assert dnspython_meaning(wire, TXT_NAME, "TXT") in (("rejected",), ("server failure",))
@@ -261,7 +261,7 @@ def test_what_the_codec_does_not_read_is_left_to_dnspython(case: str) -> None:
     checks further: Unsupported, so that dnspython asks and reads the reply instead (the codec
     never guesses)."""
     with pytest.raises(dnswire.Unsupported):
-        dnswire.decode_reply(UNSUPPORTED[case], QID, TXT_NAME, TXT)
+        dnswire.decode_reply(UNSUPPORTED[case], QID, dnswire.question(TXT_NAME, TXT))
 
 
 # ----- the meaning: what dnspython and net/dns.py make of the same bytes -----------------------

@@ -114,19 +114,36 @@ def encode_name(name: str) -> bytes:
     return wire + b"\0"
 
 
-def encode_query(qid: int, name: str, rdtype: int, edns: int = -1, payload: int = 0, ednsflags: int = 0) -> bytes:
-    """A query as dnspython's resolver sends it (RFC 1035 §4.1): RD set, one question of class IN,
-    and an OPT record (RFC 6891 §6.1) when `edns` >= 0 with `payload` and `ednsflags`, the
-    resolver's `edns`, `payload` and `ednsflags`. Unsupported for a name dnspython must encode."""
-    question = encode_name(name) + _QTAIL.pack(rdtype, IN)
+@dataclass(frozen=True, slots=True)
+class Question:
+    """One question (RFC 1035 §4.1.2), encoded once: written into the query and compared with the
+    question of every datagram that claims to answer it."""
+
+    wire: bytes  # QNAME as given, QTYPE, QCLASS IN
+    match: bytes  # the same, QNAME in lower case: replies compare names case-insensitively
+    rdtype: int
+
+
+def question(name: str, rdtype: int) -> Question:
+    """The question for `name` (absolute) and `rdtype`, class IN; Unsupported for a name
+    dnspython must encode (encode_name)."""
+    qname = encode_name(name)
+    tail = _QTAIL.pack(rdtype, IN)
+    return Question(qname + tail, qname.lower() + tail, rdtype)
+
+
+def encode_query(qid: int, asked: Question, edns: int = -1, payload: int = 0, ednsflags: int = 0) -> bytes:
+    """A query as dnspython's resolver sends it (RFC 1035 §4.1): RD set, the one question, and an
+    OPT record (RFC 6891 §6.1) when `edns` >= 0 with `payload` and `ednsflags`, the resolver's
+    `edns`, `payload` and `ednsflags`."""
     if edns < 0:
-        return _HEADER.pack(qid, _RD, 1, 0, 0, 0) + question
+        return _HEADER.pack(qid, _RD, 1, 0, 0, 0) + asked.wire
     flags = (ednsflags & 0xFF00FFFF) | (edns << 16)  # RFC 6891 §6.1.3: the version in the TTL
-    return _HEADER.pack(qid, _RD, 1, 0, 0, 1) + question + b"\0" + _RR.pack(OPT, payload, flags, 0)
+    return _HEADER.pack(qid, _RD, 1, 0, 0, 1) + asked.wire + b"\0" + _RR.pack(OPT, payload, flags, 0)
 
 
-def decode_reply(wire: bytes, qid: int, name: str, rdtype: int) -> Reply:
-    """The reply `wire` to query `qid` for `name` (as given to encode_query) and `rdtype`, class IN.
+def decode_reply(wire: bytes, qid: int, asked: Question) -> Reply:
+    """The reply `wire` to query `qid` asking `asked`.
 
     Raises NotTheReply, Unsupported or WireError (module docstring); nothing else.
     """
@@ -142,10 +159,8 @@ def decode_reply(wire: bytes, qid: int, name: str, rdtype: int) -> Reply:
             qname, pos = _name(wire, pos, end)
         except WireError:
             raise NotTheReply("question unreadable") from None
-        if pos + 4 > end:
-            raise NotTheReply("question cut short")
-        if (qname != encode_name(name).lower() or _QTAIL.unpack_from(wire, pos) != (rdtype, IN)):
-            raise NotTheReply("another question")  # RFC 5452 §9.1; names compare case-insensitively
+        if qname + wire[pos:pos + 4] != asked.match:  # RFC 5452 §9.1; names compare case-insensitively
+            raise NotTheReply("another question, or one cut short")
         pos += 4
     elif not (qdcount == 0 and flags & 0xF in _QUESTIONLESS):
         raise NotTheReply("not one question")
@@ -186,7 +201,7 @@ def decode_reply(wire: bytes, qid: int, name: str, rdtype: int) -> Reply:
                         _singleton(soas, owner, ttl, minimum)
                 else:
                     key, value = _rdata(wire, pos, stop, rtype)
-                    if section == 0 and rtype == rdtype:
+                    if section == 0 and rtype == asked.rdtype:
                         rrset = found.get(owner)
                         if rrset is None:
                             found[owner] = [ttl, {key: value}]

@@ -94,9 +94,10 @@ class Stub:
         if qtype is None:
             raise Fallback(f"record type {rdtype}")
         try:
-            query = dnswire.encode_query(0, name, qtype, self.edns, self.payload, self.ednsflags)
+            asked = dnswire.question(name, qtype)
         except dnswire.Unsupported as exc:
             raise Fallback(str(exc)) from None
+        query = dnswire.encode_query(0, asked, self.edns, self.payload, self.ednsflags)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lifetime
         servers = list(self.servers)
@@ -111,7 +112,7 @@ class Stub:
                     raise TimedOut()
                 timeout = min(remaining, self.timeout)
                 try:
-                    reply = await exchange(each, query, name, qtype, timeout)
+                    reply = await exchange(each, query, asked, timeout)
                 except TimeoutError:
                     errors.append(f"Server {each} answered The DNS operation timed out after {timeout:.3f} seconds")
                     continue
@@ -136,7 +137,7 @@ class Stub:
             pause = min(pause * 2, LAST_PAUSE)
 
 
-async def exchange(server: Server, query: bytes, name: str, qtype: int, timeout: float) -> dnswire.Reply:
+async def exchange(server: Server, query: bytes, asked: dnswire.Question, timeout: float) -> dnswire.Reply:
     """One try: `query` (any id) to `server` with a fresh random id from a fresh socket, and the
     decoded reply. TimeoutError after `timeout` seconds; dnswire.WireError for a malformed reply;
     OSError. The socket, its reader and the timer are gone when this returns, raises or is
@@ -152,13 +153,13 @@ async def exchange(server: Server, query: bytes, name: str, qtype: int, timeout:
             sock.sendto(wire, (server.host, server.port))
         except BlockingIOError:  # the socket's send buffer is full: wait until it is not
             await loop.sock_sendto(sock, wire, (server.host, server.port))
-        return await _reply(loop, sock, server, qid, name, qtype, timeout)
+        return await _reply(loop, sock, server, qid, asked, timeout)
     finally:
         sock.close()
 
 
-async def _reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, server: Server, qid: int, name: str,
-                 qtype: int, timeout: float) -> dnswire.Reply:
+async def _reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, server: Server, qid: int,
+                 asked: dnswire.Question, timeout: float) -> dnswire.Reply:
     """The first datagram on `sock` that is the server's reply to `qid` (module docstring)."""
     waiter = loop.create_future()
     expired = False
@@ -184,7 +185,7 @@ async def _reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, server: S
                 wire = b""
             if wire and source[0] == server.host and source[1] == server.port:
                 try:
-                    return dnswire.decode_reply(wire, qid, name, qtype)
+                    return dnswire.decode_reply(wire, qid, asked)
                 except dnswire.NotTheReply:
                     pass
             if expired:
